@@ -149,3 +149,25 @@ def content_hash(obj: Any) -> str:
     """A stable sha256 of a JSON-serializable object (keys sorted)."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# -- S3 cluster ---------------------------------------------------------------------------
+
+
+class TaskCluster(BaseModel):
+    """One recurring task type found by `slmify cluster`."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(description="Stable readable id, e.g. `t03-extract-order-fields`.")
+    label: str
+    top_terms: list[str] = Field(default_factory=list)
+    tools: list[str] = Field(default_factory=list, description="Tools the LLM called.")
+    output_shape: OutputShape
+    calls: int
+    share: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    llm_cost_usd: float = 0.0
+    output_diversity: float = 0.0
+    value_score: float = 0.0
+    representatives: list[str] = Field(default_factory=list, description="Call ids.")
