@@ -1,0 +1,485 @@
+"""S1 collect, live: an OpenAI-compatible proxy that records every chat call it forwards.
+
+`POST /v1/chat/completions` goes to the upstream LLM and its answer comes back unchanged:
+a JSON body byte for byte, an SSE stream (`"stream": true`) chunk by chunk as it arrives.
+The upstream is the base URL an OpenAI SDK would be given (`https://api.openai.com/v1`):
+`/v1/X` here is `UPSTREAM/X` there. Other `/v1/*` requests (`GET /v1/models`...) are
+passed through the same way and not recorded.
+
+Each chat call is written to the store as a `CallRecord` (source `proxy:<upstream>`, id
+the upstream's response id, else a uuid). Optional request headers, read here and not
+forwarded:
+- `x-slmify-session`: the agent's session or episode id, stored as `session_id`;
+- `x-slmify-agent`: the agent's name, stored as `agent`.
+`Authorization` and `api-key` are forwarded and never stored: a record is built from the
+request body, those two headers and the answer, nothing else.
+
+Upstream errors reach the client as sent (status and body) and are recorded as failed
+calls; an upstream that cannot be reached or stays silent past the timeout becomes a 502
+or 504 with an OpenAI-style error body (an `error` event if the stream had started).
+
+The response path parses nothing: it copies bytes and keeps them in an `Exchange`. A
+writer thread turns exchanges into records and inserts them in batches, and is drained on
+shutdown. `Upstream.forward`, `assemble_stream`, `exchange_to_record` and `CallWriter` are
+the pieces a router (`slmify serve`) reuses to forward and record calls the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from slmify.collect import _request, _response
+from slmify.schema import CallRecord, ChatResponse, Usage
+from slmify.store import Store, redact_url
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "x-slmify-session"
+AGENT_HEADER = "x-slmify-agent"
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+)  # fmt: skip
+# aiohttp's client advertises only the encodings it can decode; forwarding the agent's own
+# Accept-Encoding (br without brotli installed, say) could bring back undecodable bytes.
+REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"}
+# The client decodes the body, so its encoding and length headers are no longer true.
+RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
+# Agents send long histories and base64 images; aiohttp's default cap is 1 MiB.
+MAX_REQUEST_BYTES = 64 * 2**20
+# Calls still being answered at shutdown get this long to finish (and be recorded).
+SHUTDOWN_GRACE_S = 10.0
+MAX_BATCH = 256
+
+
+@dataclass
+class Exchange:
+    """One forwarded call as raw bytes: what the writer turns into a `CallRecord`."""
+
+    source: str
+    request_body: bytes
+    started: datetime
+    session_id: str | None = None
+    agent: str | None = None
+    status: int = 0  # the HTTP status the client got
+    body: bytes = b""  # the upstream's answer: a JSON body or the whole SSE stream
+    stream: bool = False
+    latency_ms: float = 0.0
+    error: str | None = None  # unreachable, timed out, or broke off mid-stream
+
+
+# -- forwarding -------------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """The LLM that calls are forwarded to, over one pooled HTTP session."""
+
+    url: str
+    timeout_s: float
+    session: aiohttp.ClientSession | None = field(default=None, repr=False)
+
+    @property
+    def source(self) -> str:
+        return f"proxy:{redact_url(self.url)}"
+
+    async def open(self) -> None:
+        # No total timeout: a long stream is fine as long as bytes keep coming. limit=0:
+        # the proxy must not queue agents behind a connection cap of its own.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
+            ),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[web.StreamResponse, Exchange]:
+        """Send `request` (its body already read) upstream and answer the client."""
+        assert self.session is not None, "Upstream.open() first"
+        ex = Exchange(
+            source=self.source,
+            request_body=body,
+            started=datetime.now(timezone.utc),
+            session_id=request.headers.get(SESSION_HEADER),
+            agent=request.headers.get(AGENT_HEADER),
+        )
+        headers = CIMultiDict(
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in REQUEST_DROP and not k.lower().startswith("x-slmify-")
+        )
+        # raw_path keeps the agent's own percent-encoding (and its query string).
+        url = self.url.rstrip("/") + request.raw_path.removeprefix("/v1")
+        t0 = time.perf_counter()
+        try:
+            async with self.session.request(request.method, url, data=body, headers=headers) as up:
+                ex.status = up.status
+                out_headers = CIMultiDict(
+                    (k, v) for k, v in up.headers.items() if k.lower() not in RESPONSE_DROP
+                )
+                if up.content_type == "text/event-stream":
+                    resp = await _relay_stream(request, up, out_headers, ex, self.timeout_s)
+                else:
+                    ex.body = await up.read()
+                    resp = web.Response(status=up.status, body=ex.body, headers=out_headers)
+        except TimeoutError:
+            message = f"upstream {redact_url(self.url)} sent nothing for {self.timeout_s:g} s"
+            resp = _fail(ex, 504, message, "upstream_timeout")
+        except aiohttp.ClientError as e:
+            message = f"cannot reach upstream {redact_url(self.url)}: {e}"
+            resp = _fail(ex, 502, message, "upstream_unreachable")
+        ex.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        return resp, ex
+
+
+async def _relay_stream(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    headers: CIMultiDict,
+    ex: Exchange,
+    timeout_s: float,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=up.status, headers=headers)
+    await resp.prepare(request)
+    ex.stream = True
+    chunks: list[bytes] = []
+    try:
+        async for chunk in _upstream_chunks(up, ex, timeout_s):
+            chunks.append(chunk)
+            await resp.write(chunk)
+        if ex.error:
+            # OpenAI's SDKs raise on an `error` event, so the agent learns the answer is cut.
+            await resp.write(b"data: " + _error_body(ex.error, "upstream_error") + b"\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        ex.error = ex.error or "the client went away before the stream ended"
+    ex.body = b"".join(chunks)
+    return resp
+
+
+async def _upstream_chunks(
+    up: aiohttp.ClientResponse, ex: Exchange, timeout_s: float
+) -> AsyncIterator[bytes]:
+    """The upstream's bytes as they arrive; a failure reading them ends up in `ex.error`.
+
+    Kept apart from the writes to the client, whose failures aiohttp raises as a
+    ClientError too and which mean something else (the agent went away).
+    """
+    try:
+        async for chunk in up.content.iter_any():
+            yield chunk
+    except TimeoutError:
+        ex.error = f"upstream stream stalled: nothing for {timeout_s:g} s"
+    except aiohttp.ClientError as e:
+        ex.error = f"upstream stream broke off: {e}"
+
+
+def _error_body(message: str, kind: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    ).encode()
+
+
+def _fail(ex: Exchange, status: int, message: str, kind: str) -> web.Response:
+    ex.status, ex.error, ex.body = status, message, _error_body(message, kind)
+    return web.Response(status=status, body=ex.body, content_type="application/json")
+
+
+# -- reassembling a stream --------------------------------------------------------------
+
+
+def parse_sse(body: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON payload of each `data:` event of a whole SSE body, `[DONE]` left out."""
+    for block in re.split(r"\r?\n\r?\n", body.decode("utf-8")):
+        data = "\n".join(
+            line[5:].removeprefix(" ") for line in block.splitlines() if line.startswith("data:")
+        )
+        if data and data != "[DONE]":
+            yield json.loads(data)
+
+
+def assemble_stream(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The `chat.completion` a stream of `chat.completion.chunk` objects adds up to.
+
+    Deltas merge as OpenAI's SDK merges them: strings are concatenated (content,
+    `tool_calls[i].function.arguments`), list items are matched by their `index`, and
+    `id`, `type`, `role`, `index` are repeated rather than split, so they are set. An
+    `error` event is kept as `error`; the usage chunk (`stream_options.include_usage`)
+    as `usage`.
+    """
+    completion: dict[str, Any] = {"object": "chat.completion"}
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for key in ("id", "created", "model", "system_fingerprint", "usage", "error"):
+            if chunk.get(key) is not None:
+                completion[key] = chunk[key]
+        for part in chunk.get("choices") or []:
+            i = part.get("index", 0)
+            choice = choices.setdefault(
+                i,
+                {"index": i, "message": {"role": "assistant", "content": None},
+                 "finish_reason": None},
+            )  # fmt: skip
+            _merge(choice["message"], part.get("delta") or {})
+            if part.get("finish_reason") is not None:
+                choice["finish_reason"] = part["finish_reason"]
+    for choice in choices.values():
+        calls = choice["message"].get("tool_calls")
+        if calls:
+            calls.sort(key=lambda c: c.get("index", 0))
+            for call in calls:
+                call.pop("index", None)  # a non-streamed message has no index
+    completion["choices"] = [choices[i] for i in sorted(choices)]
+    return completion
+
+
+SET_KEYS = frozenset({"id", "type", "role", "index"})
+
+
+def _merge(acc: dict[str, Any], delta: dict[str, Any]) -> None:
+    for key, value in delta.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            if not isinstance(acc.get(key), dict):
+                acc[key] = {}
+            _merge(acc[key], value)
+        elif isinstance(value, list):
+            _merge_indexed(acc.setdefault(key, []), value)
+        elif isinstance(value, str) and key not in SET_KEYS and isinstance(acc.get(key), str):
+            acc[key] += value
+        else:
+            acc[key] = value
+
+
+def _merge_indexed(acc: list[Any], items: list[Any]) -> None:
+    """Items with an `index` merge into the item of that index; others are appended."""
+    for item in items:
+        if not isinstance(item, dict):
+            acc.append(item)
+            continue
+        target = None
+        if "index" in item:
+            target = next(
+                (a for a in acc if isinstance(a, dict) and a.get("index") == item["index"]), None
+            )
+        if target is None:
+            acc.append(target := {})
+        _merge(target, item)
+
+
+# -- recording --------------------------------------------------------------------------
+
+
+def exchange_to_record(ex: Exchange) -> CallRecord:
+    """The `CallRecord` of one exchange; ValueError if the body is not a chat request."""
+    try:
+        request = _request(json.loads(ex.request_body))
+    except ValueError as e:
+        raise ValueError(f"the request body is not a chat completions request: {e}") from e
+    response, usage, error = _answer(ex)
+    return CallRecord(
+        id=(response.response_id if response and response.response_id else None)
+        or str(uuid.uuid4()),
+        source=ex.source,
+        timestamp=ex.started,
+        session_id=ex.session_id,
+        agent=ex.agent,
+        request=request,
+        response=response,
+        usage=usage,
+        latency_ms=ex.latency_ms,
+        status="error" if error else "ok",
+        error=error,
+    )
+
+
+def _answer(ex: Exchange) -> tuple[ChatResponse | None, Usage, str | None]:
+    if ex.error:
+        return None, Usage(), ex.error
+    if ex.status >= 400:
+        return None, Usage(), f"HTTP {ex.status}: {_error_text(ex.body)}"
+    try:
+        completion = assemble_stream(parse_sse(ex.body)) if ex.stream else json.loads(ex.body)
+        if isinstance(completion, dict) and completion.get("error"):
+            return None, Usage(), f"upstream error: {_error_text(completion)}"
+        return _response(completion)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # a malformed chunk, say
+        return None, Usage(), f"unreadable upstream answer: {e}"
+
+
+def _error_text(body: bytes | dict[str, Any]) -> str:
+    """The `error.message` of an OpenAI error body, else the body's start."""
+    try:
+        obj = json.loads(body) if isinstance(body, bytes) else body
+        err = obj["error"]
+        return str(err.get("message") or err) if isinstance(err, dict) else str(err)
+    except (ValueError, TypeError, KeyError):
+        return body.decode("utf-8", "replace")[:500] if isinstance(body, bytes) else str(body)
+
+
+class CallWriter:
+    """Records exchanges off the response path: one thread, a queue, batched inserts.
+
+    A batch is whatever is queued when the thread looks, so a quiet proxy writes each call
+    at once and a busy one writes few large transactions. `close()` drains the queue.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.counts = {"requests": 0, "recorded": 0, "failed": 0, "not_recorded": 0}
+        self._queue: queue.SimpleQueue[Exchange | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="slmify-call-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, ex: Exchange) -> None:
+        self.counts["requests"] += 1
+        self._queue.put(ex)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get())
+            self._write([ex for ex in batch if ex is not None])
+            if None in batch:
+                return
+
+    def _write(self, exchanges: list[Exchange]) -> None:
+        records = []
+        for ex in exchanges:
+            try:
+                records.append(exchange_to_record(ex))
+            except Exception as e:  # noqa: BLE001 - one odd call must not stop the writer
+                self.counts["not_recorded"] += 1
+                log.warning("call not recorded: %s", e)
+            # Hand the GIL to the event loop between records: otherwise a waiting request
+            # can sit out a whole switch interval (5 ms) behind the writer (bench: p99).
+            time.sleep(0)
+        try:
+            _, dups = self.store.add_calls(records)
+            if dups:
+                self.store.add_calls(_rekeyed(records, dups))
+        except Exception as e:  # noqa: BLE001 - a store outage must not stop the proxy
+            self.counts["not_recorded"] += len(records)
+            log.error("%d call(s) not recorded, the store failed: %s", len(records), e)
+            return
+        self.counts["recorded"] += len(records)
+        self.counts["failed"] += sum(r.status == "error" for r in records)
+
+
+def _rekeyed(records: list[CallRecord], dups: list[str]) -> list[CallRecord]:
+    """New ids for the records an id clash kept out of the store.
+
+    Each proxied call is a distinct event, but some upstreams reuse response ids (Ollama
+    draws them from 999 values); the upstream id stays in `response.response_id`.
+    """
+    left = Counter(dups)
+    out = []
+    for r in reversed(records):  # add_calls keeps the first of an id, skips the rest
+        if left[r.id]:
+            left[r.id] -= 1
+            out.append(r.model_copy(update={"id": f"{r.id}-{uuid.uuid4().hex[:12]}"}))
+    return out
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+def make_app(upstream: Upstream, writer: CallWriter) -> web.Application:
+    """The proxy's routes: chat completions forwarded and recorded, other /v1/* forwarded."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp, ex = await upstream.forward(request, await request.read())
+        writer.submit(ex)
+        return resp
+
+    async def passthrough(request: web.Request) -> web.StreamResponse:
+        resp, _ = await upstream.forward(request, await request.read())
+        return resp
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        await upstream.open()
+        yield
+        await upstream.close()
+
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    app.cleanup_ctx.append(upstream_session)
+    return app
+
+
+def run_proxy(
+    store: Store,
+    upstream_url: str,
+    host: str,
+    port: int,
+    timeout_s: float,
+    announce: Callable[[str], None],
+) -> dict[str, Any]:
+    """Serve until SIGINT/SIGTERM, then flush the writer; returns the summary counts."""
+    upstream = Upstream(upstream_url, timeout_s)
+    writer = CallWriter(store)
+
+    def listening(listen: str) -> None:
+        announce(
+            f"slmify proxy listening on {listen}, forwarding to {redact_url(upstream_url)},"
+            f" recording into {store.location} (Ctrl-C stops)"
+        )
+
+    try:
+        listen = asyncio.run(_serve(make_app(upstream, writer), host, port, listening))
+    finally:
+        writer.close()
+    return {
+        "listen": listen,
+        "upstream": redact_url(upstream_url),
+        "store": store.location,
+        **writer.counts,
+    }
+
+
+async def _serve(
+    app: web.Application, host: str, port: int, listening: Callable[[str], None]
+) -> str:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        listen = f"http://{host}:{runner.addresses[0][1]}/v1"
+        listening(listen)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return listen
