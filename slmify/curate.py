@@ -1,0 +1,207 @@
+"""S2 curate: scrub PII, mark duplicates and failed calls, so only clean calls train.
+
+Reads the calls not curated yet from the store, in insertion order; writes each back
+scrubbed (the scrubbed record replaces the stored one, the raw record is kept in
+`raw_record` only with `keep_raw`) with its `Curation`: replacements by type, the
+first call it duplicates, or why it is excluded. `store.iter_calls(training_only=True)`
+then yields only curated, non-duplicate, non-excluded calls. An audit report (JSON)
+counts what was replaced by type and by field.
+
+Incremental and idempotent: a run curates only calls with no curation yet, finds
+duplicates against every call already curated, and a second run changes nothing.
+Placeholders are consistent per session (`session_id`, else the call id): a later run
+numbers a session's new values after the ones it already used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from slmify.schema import CallRecord, Curation
+from slmify.scrub import Scrubber, highest_placeholders, masked
+from slmify.store import Store
+
+CHUNK = 500
+
+
+def exclusion_reason(rec: CallRecord) -> str | None:
+    """Why a call must not train a specialist, or None if it may."""
+    if rec.status == "error":
+        return "error"
+    if not rec.request.messages:
+        return "empty-request"
+    if rec.response is None:
+        return "no-response"
+    if rec.response.finish_reason == "length":
+        return "truncated"
+    if not rec.output_text().strip() and not rec.tool_calls():
+        return "empty-output"
+    return None
+
+
+def masked_hash(rec: CallRecord) -> str:
+    """The content hash of a scrubbed call with placeholder numbers dropped."""
+    part = {
+        "request": rec.request.model_dump(mode="json"),
+        "response": rec.response.model_dump(mode="json", exclude={"response_id"})
+        if rec.response
+        else None,
+    }
+    blob = json.dumps(part, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(masked(blob).encode("utf-8")).hexdigest()
+
+
+class _Run:
+    """One curation run: its scopes, the duplicate keys seen, and the audit counts."""
+
+    def __init__(self, store: Store, keep_raw: bool):
+        self.store = store
+        self.keep_raw = keep_raw
+        self.scopes: dict[str, Scrubber] = {}
+        # The first call (by seq) of each masked hash, over everything already curated.
+        self.first: dict[str, str] = {}
+        for key, call_id in store.execute(
+            "SELECT content_hash, id FROM calls"
+            " WHERE curation IS NOT NULL AND duplicate_of IS NULL ORDER BY seq"
+        ).fetchall():
+            self.first.setdefault(key, call_id)
+        self.by_field: Counter[tuple[str, str]] = Counter()
+        self.excluded: Counter[str] = Counter()
+        self.curated = self.scrubbed = self.duplicates = 0
+
+    def scrubber(self, rec: CallRecord) -> Scrubber:
+        scope = f"session:{rec.session_id}" if rec.session_id is not None else f"call:{rec.id}"
+        if scope not in self.scopes:
+            start = {}
+            if rec.session_id is not None:
+                done = self.store.execute(
+                    "SELECT record FROM calls WHERE session_id = ? AND curation IS NOT NULL",
+                    (rec.session_id,),
+                ).fetchall()
+                start = highest_placeholders([row[0] for row in done])
+            self.scopes[scope] = Scrubber(start)
+        return self.scopes[scope]
+
+    def curate(self, rec: CallRecord) -> tuple[CallRecord, Curation, CallRecord | None]:
+        scrubber = self.scrubber(rec)
+        before = scrubber.counts.copy()
+        clean = scrubber.record(rec)
+        replaced = scrubber.counts - before
+        self.by_field.update(replaced)
+        by_type: Counter[str] = Counter()
+        for (_, kind), n in replaced.items():
+            by_type[kind] += n
+        key = masked_hash(clean)
+        duplicate_of = self.first.get(key)
+        if duplicate_of is None:
+            self.first[key] = clean.id
+        decision = Curation(
+            scrubbed=bool(by_type),
+            replacements=dict(sorted(by_type.items())),
+            duplicate_of=duplicate_of,
+            excluded=exclusion_reason(rec),
+            masked_hash=key,
+        )
+        self.curated += 1
+        self.scrubbed += decision.scrubbed
+        self.duplicates += duplicate_of is not None
+        if decision.excluded:
+            self.excluded[decision.excluded] += 1
+        return clean, decision, rec if self.keep_raw else None
+
+    def report(self, seconds: float) -> dict[str, Any]:
+        by_type: Counter[str] = Counter()
+        by_field: dict[str, dict[str, int]] = {}
+        for (field, kind), n in sorted(self.by_field.items()):
+            by_type[kind] += n
+            by_field.setdefault(field, {})[kind] = n
+        return {
+            "curated": self.curated,
+            "scrubbed_calls": self.scrubbed,
+            "replacements": sum(by_type.values()),
+            "replacements_by_type": dict(by_type.most_common()),
+            "replacements_by_field": by_field,
+            "duplicates": self.duplicates,
+            "excluded": dict(self.excluded.most_common()),
+            "raw_kept": self.keep_raw and self.curated > 0,
+            "seconds": round(seconds, 2),
+            "calls_per_s": round(self.curated / seconds, 1) if self.curated else None,
+        }
+
+
+def curate_store(
+    store: Store, report_path: Path, keep_raw: bool = False, progress: bool = False
+) -> dict[str, Any]:
+    """Curate every call not curated yet; returns the audit summary (also written to
+    `report_path` when anything was curated)."""
+    t0 = time.perf_counter()
+    run = _Run(store, keep_raw)
+    pending = store.execute("SELECT COUNT(*) FROM calls WHERE curation IS NULL").fetchone()[0]
+    bar = _progress(pending) if progress and pending else None
+    last_seq = 0
+    while True:
+        # Chunks commit one by one: an interrupted run keeps its work and the next
+        # run picks up the rest.
+        rows = store.execute(
+            "SELECT seq, record FROM calls WHERE curation IS NULL AND seq > ?"
+            f" ORDER BY seq LIMIT {CHUNK}",
+            (last_seq,),
+        ).fetchall()
+        if not rows:
+            break
+        last_seq = rows[-1][0]
+        store.save_curation([run.curate(CallRecord.model_validate_json(r)) for _, r in rows])
+        if bar is not None:
+            bar.advance(bar.task_ids[0], len(rows))
+    if bar is not None:
+        bar.stop()
+    summary = run.report(time.perf_counter() - t0)
+    if run.curated:
+        report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        summary["report"] = str(report_path)
+    return summary
+
+
+def _progress(total: int):  # noqa: ANN202
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.add_task("curating", total=total)
+    bar.start()
+    return bar
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    """Print `Store.stats()` as readable tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    tokens = stats["tokens"]
+    overview = Table(title="calls", show_header=False)
+    for key in ("calls", "curated", "duplicates", "excluded"):
+        overview.add_row(key, f"{stats[key]:,}")
+    overview.add_row("prompt tokens", f"{tokens['prompt']:,}")
+    overview.add_row("completion tokens", f"{tokens['completion']:,}")
+    overview.add_row("calls without token counts", f"{tokens['calls_without_counts']:,}")
+    console.print(overview)
+    for key, title in (
+        ("by_agent", "agent"),
+        ("by_model", "model"),
+        ("by_status", "status"),
+        ("excluded_by_reason", "excluded because"),
+        ("scrubbed_by_type", "scrubbed (replacements)"),
+    ):
+        if not stats[key]:
+            continue
+        table = Table(title=title)
+        table.add_column(title)
+        table.add_column("count", justify="right")
+        for name, n in stats[key].items():
+            table.add_row(str(name), f"{n:,}")
+        console.print(table)

@@ -1,0 +1,258 @@
+"""S2 curate: PII scrubbing, duplicates, failed calls, incremental runs, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import dataset
+from typer.testing import CliRunner
+
+from slmify.cli import app
+from slmify.curate import curate_store
+from slmify.schema import CallRecord, ChatRequest, ChatResponse
+from slmify.scrub import Scrubber
+from slmify.store import Store, open_store
+
+POSITIVES = [
+    ("mail Mia.Li3818@Example.com now", "mail <EMAIL_1> now"),
+    ("call (415) 555-0132 today", "call <PHONE_1> today"),
+    ("call 415-555-0132 or +1 415 555 0199", "call <PHONE_1> or <PHONE_2>"),
+    ("Phone: +687 27.25.92", "Phone: <PHONE_1>"),
+    ("card 4111 1111 1111 1111 exp 12/27", "card <CARD_1> exp 12/27"),
+    ("amex 378282246310005.", "amex <CARD_1>."),
+    ("iban GB82 WEST 1234 5698 7654 32 ok", "iban <IBAN_1> ok"),
+    ("iban DE89370400440532013000", "iban <IBAN_1>"),
+    ("from 192.168.1.20:8080", "from <IP_1>:8080"),
+    ("host 2001:db8::8a2e:370:7334 up", "host <IP_1> up"),
+    ("ssn 123-45-6789", "ssn <SSN_1>"),
+    ("key sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t", "key <API_KEY_1>"),
+    ("aws AKIAIOSFODNN7EXAMPLE", "aws <API_KEY_1>"),
+    ("gh ghp_" + "a1B2c3D4e5" * 4, "gh <API_KEY_1>"),
+    ("slack xoxb-2048-1024-AbCdEfGhIjKl", "slack <API_KEY_1>"),
+    ("api_key=9f8e7d6c5b4a3210 and", "api_key=<SECRET_1> and"),
+    ('{"client_secret": "s3cr3t-Value-1"}', '{"client_secret": "<SECRET_1>"}'),
+    (
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc",
+        "Authorization: Bearer <BEARER_TOKEN_1>",
+    ),
+]
+
+NEGATIVES = [
+    "card 4111 1111 1111 1112 (Luhn-invalid)",
+    "The current time is 2024-05-15 15:00:00 EST.",
+    "flight HAT170 departs 06:00:00, reservation ABC123, user mia_li_3668",
+    "I'll use my 7447 card; total $1,234.56 for 3 passengers",
+    "tracking number YT2003521266065328 and RB413450335SG",
+    "Who was born in 1990 and died in 2011? 12345678 people, 3.14159",
+    "my library is 142:17:52:08 long; slice a[::2]; version v1.2.3.4",
+    "password: required, api_key: string",
+    "order 1234 5678 9012 3456 7890",
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), POSITIVES)
+def test_each_pii_type_is_replaced(text: str, expected: str) -> None:
+    assert Scrubber().text(text, "f") == expected
+
+
+@pytest.mark.parametrize("text", NEGATIVES)
+def test_lookalikes_are_left_alone(text: str) -> None:
+    assert Scrubber().text(text, "f") == text
+
+
+def test_placeholders_consistent_within_a_scope() -> None:
+    s = Scrubber()
+    first = s.text("a@x.com, b@x.com, then A@X.COM", "f")
+    assert first == "<EMAIL_1>, <EMAIL_2>, then <EMAIL_1>"
+    assert s.text("b@x.com and 415-555-0132 / (415) 555-0132", "g") == (
+        "<EMAIL_2> and <PHONE_1> / <PHONE_1>"
+    )
+    assert dict(s.counts) == {("f", "EMAIL"): 3, ("g", "EMAIL"): 1, ("g", "PHONE"): 2}
+
+
+def test_tool_arguments_stay_valid_json() -> None:
+    args = json.dumps({"email": "a@x.com", "notes": ["ring +44 20 7946 0958"], "n": 3})
+    out = Scrubber().json_text(args, "f")
+    assert json.loads(out) == {"email": "<EMAIL_1>", "notes": ["ring <PHONE_1>"], "n": 3}
+    assert Scrubber().json_text('{"bad json a@x.com', "f") == '{"bad json <EMAIL_1>'
+
+
+def test_json_text_after_an_escaped_newline() -> None:
+    # A tool result is JSON text: `\n` before a value is an escape, not a word.
+    tool_result = json.dumps({"contact": "Mail:\nann@x.com\n415-555-0132\tSSN 123-45-6789"})
+    out = Scrubber().text(tool_result, "f")
+    assert json.loads(out) == {"contact": "Mail:\n<EMAIL_1>\n<PHONE_1>\tSSN <SSN_1>"}
+
+
+# -- curate_store on hand-written calls ---------------------------------------------------
+
+
+def call(
+    cid: str,
+    user: str = "hi",
+    answer: str | None = "hello",
+    session: str | None = None,
+    **kw: object,
+) -> CallRecord:
+    response = kw.pop("response", ChatResponse(message={"role": "assistant", "content": answer}))
+    messages = kw.pop("messages", [{"role": "user", "content": user}])
+    return CallRecord(
+        id=cid,
+        source="test",
+        session_id=session,
+        request=ChatRequest(model="m", messages=messages),
+        response=response,
+        **kw,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = str(tmp_path / "calls.db")
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    st = open_store(url)
+    yield st
+    st.close()
+
+
+def stored(st: Store, cid: str) -> CallRecord:
+    return st.get_call(cid).record
+
+
+def test_sessions_scope_placeholders(store: Store, tmp_path: Path) -> None:
+    store.add_calls(
+        [
+            call("a1", "I am ann@x.com", session="A"),
+            call("a2", "cc bob@x.com and ann@x.com", session="A"),
+            call("b1", "cc bob@x.com", session="B"),
+            call("c1", "cc bob@x.com"),  # no session: its own scope
+        ]
+    )
+    curate_store(store, tmp_path / "r.json")
+    texts = {c: stored(store, c).request.messages[0]["content"] for c in ("a1", "a2", "b1", "c1")}
+    assert texts == {
+        "a1": "I am <EMAIL_1>",
+        "a2": "cc <EMAIL_2> and <EMAIL_1>",
+        "b1": "cc <EMAIL_1>",
+        "c1": "cc <EMAIL_1>",
+    }
+
+
+def test_audit_counts_by_type_and_field(store: Store, tmp_path: Path) -> None:
+    tool_call = {
+        "id": "t1",
+        "type": "function",
+        "function": {"name": "pay", "arguments": '{"card":"4111111111111111","to":"a@x.com"}'},
+    }
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "me: a@x.com, 123-45-6789"}]},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": "t1", "content": "paid from 10.0.0.7"},
+    ]
+    response = ChatResponse(
+        message={"role": "assistant", "content": "Done, a@x.com.", "tool_calls": [tool_call]}
+    )
+    store.add_calls([call("x", messages=messages, response=response, session="s")])
+    report = curate_store(store, tmp_path / "r.json")
+    assert report["replacements_by_field"] == {
+        "request.messages.content": {"EMAIL": 1, "IP": 1, "SSN": 1},
+        "request.messages.tool_calls.arguments": {"CARD": 1, "EMAIL": 1},
+        "response.content": {"EMAIL": 1},
+        "response.tool_calls.arguments": {"CARD": 1, "EMAIL": 1},
+    }
+    assert report["replacements_by_type"] == {"EMAIL": 4, "CARD": 2, "IP": 1, "SSN": 1}
+    assert report["replacements"] == 8 and report["scrubbed_calls"] == 1
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["replacements_by_type"]
+        == (report["replacements_by_type"])
+    )
+    rec = stored(store, "x")
+    assert json.loads(rec.tool_calls()[0]["arguments"]) == {"card": "<CARD_1>", "to": "<EMAIL_1>"}
+    assert store.get_call("x").curation.replacements == {"CARD": 2, "EMAIL": 4, "IP": 1, "SSN": 1}
+
+
+def test_duplicates_and_failed_calls_stay_out_of_training(store: Store, tmp_path: Path) -> None:
+    store.add_calls(
+        [
+            call("ok", "book a@x.com", session="s1"),
+            call("dup", "book a@x.com", session="s2"),  # same call, another session
+            call("err", response=None, status="error", error="rate limited"),
+            call("empty", answer="  "),
+            call("cut", response=ChatResponse(message={"content": "x"}, finish_reason="length")),
+            call("noreq", messages=[]),
+            call(
+                "tool",
+                answer=None,
+                response=ChatResponse(message={"function_call": {"name": "f", "arguments": "{}"}}),
+            ),
+        ]
+    )
+    report = curate_store(store, tmp_path / "r.json")
+    assert report["duplicates"] == 1
+    assert report["excluded"] == {"error": 1, "empty-output": 1, "truncated": 1, "empty-request": 1}
+    assert store.get_call("dup").curation.duplicate_of == "ok"
+    assert [c.record.id for c in store.iter_calls(training_only=True)] == ["ok", "tool"]
+    stats = store.stats()
+    assert stats["excluded_by_reason"] == report["excluded"]
+    assert (stats["duplicates"], stats["excluded"], stats["curated"]) == (1, 4, 7)
+
+
+def test_keep_raw_keeps_the_original_only_when_asked(store: Store, tmp_path: Path) -> None:
+    store.add_calls([call("r", "I am ann@x.com")])
+    curate_store(store, tmp_path / "r.json", keep_raw=True)
+    store.add_calls([call("n", "I am bob@x.com")])
+    curate_store(store, tmp_path / "r.json")
+    rows = dict(store.execute("SELECT id, raw_record FROM calls").fetchall())
+    assert "ann@x.com" in rows["r"] and rows["n"] is None
+    records = " ".join(r for (r,) in store.execute("SELECT record FROM calls").fetchall())
+    assert "@x.com" not in records
+
+
+def test_second_run_is_incremental_and_changes_nothing(store: Store, tmp_path: Path) -> None:
+    store.add_calls([call("a1", "ann@x.com", session="A"), call("b1", "hello", session="B")])
+    curate_store(store, tmp_path / "r.json")
+    snapshot = store.execute("SELECT * FROM calls ORDER BY seq").fetchall()
+    again = curate_store(store, tmp_path / "r2.json")
+    assert again["curated"] == 0 and not (tmp_path / "r2.json").exists()
+    assert store.execute("SELECT * FROM calls ORDER BY seq").fetchall() == snapshot
+    # New calls: the session's numbering continues, duplicates are found among old calls.
+    store.add_calls([call("a2", "cc bob@x.com", session="A"), call("b2", "hello", session="C")])
+    third = curate_store(store, tmp_path / "r.json")
+    assert (third["curated"], third["duplicates"]) == (2, 1)
+    assert stored(store, "a2").request.messages[0]["content"] == "cc <EMAIL_2>"
+    assert store.get_call("b2").curation.duplicate_of == "b1"
+    assert store.execute("SELECT * FROM calls WHERE seq <= 2 ORDER BY seq").fetchall() == snapshot
+
+
+# -- the CLI on a real log -----------------------------------------------------------------
+
+
+def test_cli_import_curate_and_stats_on_toolbench(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ws = str(tmp_path / "ws")
+    path = str(dataset("toolbench-legacy"))
+    out = runner.invoke(app, ["collect", "import", path, "--curate", "-w", ws, "--json"])
+    assert out.exit_code == 0, out.output
+    curation = json.loads(out.output)["curation"]
+    # Measured and eyeballed: every one is a real contact detail in a tool's answer.
+    assert curation["replacements_by_type"] == {"PHONE": 52, "EMAIL": 34, "IP": 1}
+    assert (curation["curated"], curation["duplicates"], curation["excluded"]) == (52, 0, {})
+    again = runner.invoke(app, ["collect", "curate", "-w", ws, "--json"])
+    assert json.loads(again.output)["curated"] == 0
+    stats = json.loads(runner.invoke(app, ["collect", "stats", "-w", ws, "--json"]).output)
+    assert (stats["calls"], stats["curated"]) == (52, 52)
+    assert stats["scrubbed_by_type"] == curation["replacements_by_type"]
+    assert stats["tokens"] == {"prompt": 0, "completion": 0, "calls_without_counts": 52}
+    assert stats["by_model"] == {"gpt-3.5-turbo-16k": 52}
+    with open_store(str(tmp_path / "ws" / "calls.db")) as st:
+        text = " ".join(r for (r,) in st.execute("SELECT record FROM calls").fetchall())
+    assert "sales@act.nc" not in text and "+687 27.25.92" not in text
+    # Tracking numbers shaped like IBANs, and tool example values, survive.
+    assert "YT2003521266065328" in text and "RB413450335SG" in text
+    human = runner.invoke(app, ["collect", "stats", "-w", ws])
+    assert (
+        human.exit_code == 0 and "scrubbed" in human.output and "gpt-3.5-turbo-16k" in human.output
+    )
