@@ -1,18 +1,21 @@
 """S1 collect: import existing LLM call logs into the store.
 
-Reads files line by line (`.gz` transparently, never the whole file in memory, except a
-pretty-printed OTLP document, which has no line structure), detects each file's format
-from its first record, converts every record to a `CallRecord` and inserts them in
-batches. A line that cannot be used is written to the rejects file with its file, line
-number and reason, and the import goes on. Every line read is counted exactly once:
-read = imported + duplicates + rejected.
+Reads files line by line in binary (`.gz` transparently, never the whole file in memory,
+except a pretty-printed JSON document, which has no line structure), detects each file's
+format from its first record, converts every record to a `CallRecord` and inserts them in
+batches of one transaction each. A record that cannot be used is written to the rejects
+file (JSONL: file, line number, reason) and the import goes on. Every record read is
+counted exactly once: read = imported + duplicates + rejected. A record is one JSONL line,
+except in OTLP, where it is one LLM call span (a line can hold many).
 
 Formats:
 - `openai-log`: `{"request": {...}, "response": {...}}`, chat-completions shape, including
   the legacy `functions` / `function_call` API;
 - `openai-finetune`: `{"messages": [...]}`, the last assistant turn is the response;
-- `otlp`: OpenTelemetry GenAI spans exported as OTLP JSON (`resourceSpans`);
-- `flywheel`: NVIDIA data-flywheel log documents (`workload_id`, `client_id`, `timestamp`).
+- `otlp`: OpenTelemetry GenAI spans exported as OTLP JSON (`resourceSpans`), read by the
+  GenAI semantic conventions (`gen_ai.input.messages`, `gen_ai.output.messages`...);
+- `flywheel`: NVIDIA data-flywheel log documents (`request`, `response`, `workload_id`,
+  `client_id`, `timestamp`), bare or as an Elasticsearch hit (`_id`, `_source`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from slmify.schema import CallRecord, ChatRequest, ChatResponse, Usage, content_hash
-from slmify.store import Store
+import orjson
 
-BATCH = 1000
+from slmify.schema import CallRecord, ChatRequest, ChatResponse, Usage, content_hash
+from slmify.store import Store, call_row
+
+# Rows held before one transaction: a few MB of JSON for tool-heavy agents, and an
+# interrupted import loses at most this many records, which a re-import adds back.
+BATCH = 500
 REQUEST_KEYS = {"model", "messages", "tools", "functions"}
 
 
@@ -39,24 +46,48 @@ class Reject(ValueError):
 # -- reading --------------------------------------------------------------------------
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line; raises Reject on a truncated gzip."""
-    opener = gzip.open if _is_gzip(path) else open
+def _open(path: Path) -> Any:
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    # gzip's own 8 KiB buffer, not a larger one: a truncated file loses what was
+    # decompressed into the buffer when the break is hit, so at most 8 KiB of good lines.
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed object, None) or (line number, None, error) per record.
+
+    A corrupt or truncated gzip ends the file with one error at the line it broke on.
+    """
     lineno = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):  # noqa: B007 - used after the loop
-                if line.strip():
-                    yield lineno, line
+        with _open(path) as f:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 - read after the loop
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                    if line.strip() in (b"{", b"["):
+                        # A lone bracket is never a JSONL record: a pretty-printed document.
+                        yield from _whole_document(f, line)
+                        return
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, orjson.loads(line), None
+                except orjson.JSONDecodeError as e:
+                    yield lineno, None, f"malformed JSON: {e}"
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise Reject(f"corrupt or truncated gzip after line {lineno}: {e}") from e
-    except UnicodeDecodeError as e:
-        raise Reject(f"not UTF-8 text after line {lineno}: {e}") from e
+        yield lineno + 1, None, f"corrupt or truncated gzip after line {lineno}: {e}"
 
 
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+def _whole_document(f: Any, first: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    """The records of one JSON document: an object, or an array of objects (all at line 1)."""
+    try:
+        doc = json.loads(first + f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        yield getattr(e, "lineno", 1), None, f"malformed JSON document: {e}"
+        return
+    for obj in doc if isinstance(doc, list) else [doc]:
+        yield 1, obj, None
 
 
 def detect_format(obj: Any) -> str:
@@ -64,7 +95,8 @@ def detect_format(obj: Any) -> str:
         raise Reject("not a JSON object")
     if "resourceSpans" in obj:
         return "otlp"
-    if "request" in obj and ("workload_id" in obj or "client_id" in obj):
+    doc = obj["_source"] if isinstance(obj.get("_source"), dict) else obj
+    if "request" in doc and ("workload_id" in doc or "client_id" in doc):
         return "flywheel"
     if "request" in obj:
         return "openai-log"
@@ -80,6 +112,7 @@ def detect_format(obj: Any) -> str:
 
 
 def _request(req: Any) -> ChatRequest:
+    """A chat-completions request body as `ChatRequest` (the proxy records with it too)."""
     if not isinstance(req, dict):
         raise Reject("`request` is not an object")
     messages = req.get("messages")
@@ -88,12 +121,14 @@ def _request(req: Any) -> ChatRequest:
         raise Reject("request has no `messages` list")
     if not all(isinstance(m, dict) and "role" in m for m in messages):
         raise Reject("a request message is not an object with a `role`")
-    return ChatRequest(
-        model=req.get("model"),
-        messages=messages,
-        tools=req.get("tools"),
-        functions=req.get("functions"),
-        params={k: v for k, v in req.items() if k not in REQUEST_KEYS},
+    return ChatRequest.model_validate(
+        {
+            "model": req.get("model"),
+            "messages": messages,
+            "tools": req.get("tools"),
+            "functions": req.get("functions"),
+            "params": {k: v for k, v in req.items() if k not in REQUEST_KEYS},
+        }
     )
 
 
@@ -101,7 +136,9 @@ def _response(resp: Any) -> tuple[ChatResponse | None, Usage, str | None]:
     """(response, usage, error message) from an OpenAI chat.completion object."""
     if not isinstance(resp, dict):
         raise Reject("record has no `response` object")
-    usage = Usage(**{k: v for k, v in (resp.get("usage") or {}).items() if k in Usage.model_fields})
+    usage = resp.get("usage") or {}
+    # Provider extras (prompt_tokens_details...) are not part of `Usage`.
+    usage = Usage.model_validate({k: v for k, v in usage.items() if k in Usage.model_fields})
     if "error" in resp and not resp.get("choices"):
         err = resp["error"]
         return None, usage, err.get("message") if isinstance(err, dict) else str(err)
@@ -111,24 +148,28 @@ def _response(resp: Any) -> tuple[ChatResponse | None, Usage, str | None]:
     message = choices[0].get("message")
     if not isinstance(message, dict):
         raise Reject("response choice has no `message`")
-    return (
-        ChatResponse(
-            model=resp.get("model"),
-            message=message,
-            finish_reason=choices[0].get("finish_reason"),
-            response_id=resp.get("id"),
-        ),
-        usage,
-        None,
-    )
+    response = {
+        "model": resp.get("model"),
+        "message": message,
+        "finish_reason": choices[0].get("finish_reason"),
+        "response_id": resp.get("id"),
+    }
+    return ChatResponse.model_validate(response), usage, None
 
 
-def _timestamp(value: Any) -> datetime | None:
-    if value is None:
+def parse_timestamp(value: Any) -> datetime | None:
+    """ISO 8601, or epoch seconds / ms / µs / ns (a number or digits), told apart by size."""
+    if value is None or value == "":
         return None
-    if isinstance(value, int | float):
-        # Epoch seconds, or nanoseconds as OTLP writes them.
-        return datetime.fromtimestamp(value / 1e9 if value > 1e12 else value, tz=timezone.utc)
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        or (isinstance(value, str) and value.isdigit())
+    ):
+        seconds = float(value)
+        while seconds > 1e11:  # 1e11 s is the year 5138: larger numbers are finer units
+            seconds /= 1000
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError as e:
@@ -136,44 +177,53 @@ def _timestamp(value: Any) -> datetime | None:
 
 
 def from_openai_log(obj: dict[str, Any], source: str) -> list[CallRecord]:
-    meta = dict(obj.get("metadata") or {})
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise Reject("`metadata` is not an object")
+    meta = dict(meta)
     response, usage, error = _response(obj.get("response"))
-    return [
-        CallRecord(
-            id=str(obj.get("id") or content_hash(obj)),
-            source=source,
-            timestamp=_timestamp(obj.get("timestamp") or meta.pop("timestamp", None)),
-            session_id=meta.pop("session_id", None),
-            agent=meta.pop("agent", None),
-            request=_request(obj.get("request")),
-            response=response,
-            usage=usage,
-            latency_ms=obj.get("latency_ms"),
-            status="error" if error else "ok",
-            error=error,
-            metadata=meta,
-        )
-    ]
+    record = {
+        "id": str(obj.get("id") or content_hash(obj)),
+        "source": source,
+        "timestamp": parse_timestamp(obj.get("timestamp") or meta.pop("timestamp", None)),
+        "session_id": meta.pop("session_id", None),
+        "agent": meta.pop("agent", None),
+        "request": _request(obj.get("request")),
+        "response": response,
+        "usage": usage,
+        "latency_ms": obj.get("latency_ms"),
+        "status": "error" if error else "ok",
+        "error": error,
+        "metadata": meta,
+    }
+    return [CallRecord.model_validate(record)]
 
 
 def from_flywheel(obj: dict[str, Any], source: str) -> list[CallRecord]:
-    response, usage, error = _response(obj.get("response"))
-    return [
-        CallRecord(
-            id=str(obj.get("_id") or obj.get("id") or content_hash(obj)),
-            source=source,
-            timestamp=_timestamp(obj.get("timestamp")),
-            # The flywheel has no session; its workload is the agent's task-level unit.
-            session_id=obj.get("session_id"),
-            agent=obj.get("client_id"),
-            request=_request(obj.get("request")),
-            response=response,
-            usage=usage,
-            status="error" if error else "ok",
-            error=error,
-            metadata={"workload_id": obj.get("workload_id")},
-        )
-    ]
+    """A data-flywheel log document: what its apps write to Elasticsearch for the flywheel
+    (`timestamp` in epoch seconds, the OpenAI request and response, the app's `client_id`
+    and the `workload_id` of the agent step). Its response ids are not unique (the
+    blueprint's loader writes `chatcmpl-<timestamp>`), so the id is the document's `_id`
+    or a hash of the document."""
+    doc_id = obj.get("_id")
+    doc = obj["_source"] if isinstance(obj.get("_source"), dict) else obj
+    response, usage, error = _response(doc.get("response"))
+    extra = {k: v for k, v in doc.items() if k not in ("request", "response", "timestamp")}
+    record = {
+        "id": str(doc_id or content_hash(doc)),
+        "source": source,
+        "timestamp": parse_timestamp(doc.get("timestamp")),
+        "session_id": doc.get("session_id"),
+        "agent": doc.get("client_id"),
+        "request": _request(doc.get("request")),
+        "response": response,
+        "usage": usage,
+        "status": "error" if error else "ok",
+        "error": error,
+        # workload_id names the agent step (route, node) the flywheel distils per workload.
+        "metadata": extra,
+    }
+    return [CallRecord.model_validate(record)]
 
 
 def from_finetune(obj: dict[str, Any], source: str) -> list[CallRecord]:
@@ -183,137 +233,32 @@ def from_finetune(obj: dict[str, Any], source: str) -> list[CallRecord]:
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None or last == 0:
         raise Reject("no assistant turn after a prompt: nothing to use as the response")
-    request = {"messages": messages[:last], "tools": obj.get("tools"),
-               "functions": obj.get("functions")}
-    answer = {k: v for k, v in messages[last].items() if k != "weight"}
-    finish = "tool_calls" if answer.get("tool_calls") else (
-        "function_call" if answer.get("function_call") else "stop")
-    return [
-        CallRecord(
-            id=str(obj.get("id") or content_hash(obj)),
-            source=source,
-            request=_request(request),
-            response=ChatResponse(message=answer, finish_reason=finish),
-            metadata=dict(obj.get("metadata") or {}),
-        )
-    ]
+    # `weight` is the fine-tuning API's per-turn training switch, not part of a message.
+    turns = [{k: v for k, v in m.items() if k != "weight"} for m in messages[: last + 1]]
+    answer = turns[-1]
+    finish = "stop"
+    if answer.get("tool_calls"):
+        finish = "tool_calls"
+    elif answer.get("function_call"):
+        finish = "function_call"
+    request = {k: v for k, v in obj.items() if k not in ("messages", "id", "metadata")}
+    record = {
+        "id": str(obj.get("id") or content_hash(obj)),
+        "source": source,
+        "request": _request({**request, "messages": turns[:-1]}),
+        "response": {"message": answer, "finish_reason": finish},
+        "metadata": obj.get("metadata") or {},
+    }
+    return [CallRecord.model_validate(record)]
 
 
-OTLP_SKIP = object()
+def from_otlp(obj: dict[str, Any], source: str) -> list[CallRecord | Reject]:
+    from slmify.otlp import calls_from_otlp  # imported here: slmify.otlp imports this module
+
+    return calls_from_otlp(obj, source)
 
 
-def _otlp_value(v: dict[str, Any]) -> Any:
-    if "stringValue" in v:
-        return v["stringValue"]
-    if "intValue" in v:
-        return int(v["intValue"])
-    if "doubleValue" in v:
-        return v["doubleValue"]
-    if "boolValue" in v:
-        return v["boolValue"]
-    if "arrayValue" in v:
-        return [_otlp_value(x) for x in v["arrayValue"].get("values", [])]
-    if "kvlistValue" in v:
-        return {kv["key"]: _otlp_value(kv["value"]) for kv in v["kvlistValue"].get("values", [])}
-    return None
-
-
-def _otlp_json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def _genai_messages(items: Any) -> list[dict[str, Any]]:
-    """OTel GenAI messages (`parts`) to OpenAI messages (`content`, `tool_calls`)."""
-    out = []
-    for m in _otlp_json(items) or []:
-        if "parts" not in m:
-            out.append(m)
-            continue
-        msg: dict[str, Any] = {"role": m.get("role", "user")}
-        texts, calls = [], []
-        for p in m["parts"]:
-            if p.get("type") == "text":
-                texts.append(p.get("content", ""))
-            elif p.get("type") == "tool_call":
-                calls.append({"id": p.get("id"), "type": "function", "function": {
-                    "name": p.get("name"), "arguments": json.dumps(p.get("arguments") or {})}})
-            elif p.get("type") == "tool_call_response":
-                msg["role"] = "tool"
-                msg["tool_call_id"] = p.get("id")
-                r = p.get("response")
-                texts.append(r if isinstance(r, str) else json.dumps(r))
-        msg["content"] = "\n".join(texts) if texts else None
-        if calls:
-            msg["tool_calls"] = calls
-        out.append(msg)
-    return out
-
-
-def from_otlp(obj: dict[str, Any], source: str) -> list[CallRecord]:
-    """Every chat span (`gen_ai.operation.name` = chat) in an OTLP export."""
-    records = []
-    for rs in obj.get("resourceSpans") or []:
-        resource = {a["key"]: _otlp_value(a["value"]) for a in
-                    (rs.get("resource") or {}).get("attributes", [])}
-        for ss in rs.get("scopeSpans") or []:
-            for span in ss.get("spans") or []:
-                attrs = {a["key"]: _otlp_value(a["value"]) for a in span.get("attributes", [])}
-                if attrs.get("gen_ai.operation.name", "chat") != "chat" or not any(
-                    k.startswith("gen_ai.") for k in attrs
-                ):
-                    continue
-                records.append(_otlp_span(span, attrs, resource, source))
-    if not records:
-        raise Reject("OTLP export holds no gen_ai chat span")
-    return records
-
-
-def _otlp_span(span: dict, attrs: dict, resource: dict, source: str) -> CallRecord:
-    messages = _genai_messages(attrs.get("gen_ai.input.messages"))
-    system = attrs.get("gen_ai.system_instructions")
-    if system:
-        parts = _otlp_json(system)
-        text = "\n".join(p.get("content", "") for p in parts) if isinstance(parts, list) else parts
-        messages.insert(0, {"role": "system", "content": text})
-    outputs = _genai_messages(attrs.get("gen_ai.output.messages"))
-    raw_out = _otlp_json(attrs.get("gen_ai.output.messages")) or [{}]
-    tools = _otlp_json(attrs.get("gen_ai.tool.definitions"))
-    error = (span.get("status") or {}).get("message") if (span.get("status") or {}).get(
-        "code") in (2, "STATUS_CODE_ERROR") else None
-    if not outputs and not error:
-        raise Reject(f"span {span.get('spanId')} has no gen_ai.output.messages")
-    start, end = span.get("startTimeUnixNano"), span.get("endTimeUnixNano")
-    params = {k.removeprefix("gen_ai.request."): v for k, v in attrs.items()
-              if k.startswith("gen_ai.request.") and k != "gen_ai.request.model"}
-    return CallRecord(
-        id=str(attrs.get("gen_ai.response.id") or span.get("spanId") or content_hash(span)),
-        source=source,
-        timestamp=_timestamp(int(start)) if start else None,
-        session_id=attrs.get("gen_ai.conversation.id") or span.get("traceId"),
-        agent=attrs.get("gen_ai.agent.name") or resource.get("service.name"),
-        request=ChatRequest(
-            model=attrs.get("gen_ai.request.model"),
-            messages=messages or [{"role": "user", "content": ""}],
-            tools=[t if "function" in t else {"type": "function", "function": t}
-                   for t in tools] if tools else None,
-            params=params,
-        ),
-        response=ChatResponse(
-            model=attrs.get("gen_ai.response.model"),
-            message={**outputs[0], "role": "assistant"},
-            finish_reason=raw_out[0].get("finish_reason") or (
-                (attrs.get("gen_ai.response.finish_reasons") or [None])[0]),
-            response_id=attrs.get("gen_ai.response.id"),
-        ) if outputs else None,
-        usage=Usage(prompt_tokens=attrs.get("gen_ai.usage.input_tokens"),
-                    completion_tokens=attrs.get("gen_ai.usage.output_tokens")),
-        latency_ms=(int(end) - int(start)) / 1e6 if start and end else None,
-        status="error" if error else "ok",
-        error=error,
-    )
-
-
-CONVERTERS: dict[str, Callable[[dict[str, Any], str], list[CallRecord]]] = {
+CONVERTERS: dict[str, Callable[[dict[str, Any], str], list[CallRecord | Reject]]] = {
     "openai-log": from_openai_log,
     "openai-finetune": from_finetune,
     "otlp": from_otlp,
@@ -332,75 +277,55 @@ def import_files(
     formats: dict[str, str] = {}
     bar = _progress(paths) if progress else None
     with rejects_path.open("a", encoding="utf-8") as rejects:
-
-        def reject(path: Path, lineno: int | None, reason: str) -> None:
-            totals["rejected"] += 1
-            rejects.write(json.dumps({"file": str(path), "line": lineno, "reason": reason}) + "\n")
-
         for path in paths:
-            batch: list[CallRecord] = []
-
-            def flush() -> None:
-                imported, dups = store.add_calls(batch)
-                totals["imported"] += imported
-                totals["duplicates"] += len(dups)
-                batch.clear()
-
-            for lineno, obj, error in _records(path):
+            batch: list[tuple[Any, ...]] = []
+            for lineno, result in _convert_file(path, formats):
                 totals["read"] += 1
-                if bar is not None:
-                    bar.advance(bar.task_ids[0])
-                if error:
-                    reject(path, lineno, error)
+                if isinstance(result, Reject):
+                    totals["rejected"] += 1
+                    line = {"file": str(path), "line": lineno, "reason": str(result)}
+                    rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
                     continue
-                try:
-                    fmt = detect_format(obj)
-                    expected = formats.setdefault(str(path), fmt)
-                    if fmt != expected:
-                        raise Reject(f"a {fmt} record in a file of {expected} records")
-                    batch.extend(CONVERTERS[fmt](obj, f"{path}:{lineno}"))
-                except Reject as e:
-                    reject(path, lineno, str(e))
-                except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    reject(path, lineno, f"invalid record: {_short(e)}")
+                batch.append(call_row(result))
                 if len(batch) >= BATCH:
-                    flush()
-            flush()
+                    _flush(store, batch, totals)
+                    if bar is not None:
+                        bar.update(bar.task_ids[0], completed=totals["read"])
+            _flush(store, batch, totals)
     if bar is not None:
         bar.stop()
     return {**totals, "formats": formats, "rejects": str(rejects_path), "store": store.location}
 
 
-def _records(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
-    """(line number, parsed object, error) for each record of a file."""
-    lines = read_lines(path)
-    try:
-        for lineno, text in lines:
-            try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as e:
-                if lineno == 1 and text.lstrip().startswith(("{", "[")):
-                    # One pretty-printed JSON document (an OTLP export, say).
-                    yield from _whole_document(path)
-                    return
-                yield lineno, None, f"malformed JSON: {e}"
-    except Reject as e:
-        yield None, None, str(e)
+def _flush(store: Store, batch: list[tuple[Any, ...]], totals: dict[str, int]) -> None:
+    imported, dups = store.add_rows(batch)
+    totals["imported"] += imported
+    totals["duplicates"] += len(dups)
+    batch.clear()
 
 
-def _whole_document(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt", encoding="utf-8") as f:
+def _convert_file(path: Path, formats: dict[str, str]) -> Iterator[tuple[int, CallRecord | Reject]]:
+    """(line number, record or the reason it was rejected) for every record of a file."""
+    for lineno, obj, error in iter_records(path):
+        if error:
+            yield lineno, Reject(error)
+            continue
         try:
-            doc = json.load(f)
-        except json.JSONDecodeError as e:
-            yield e.lineno, None, f"malformed JSON: {e}"
-            return
-    for i, obj in enumerate(doc if isinstance(doc, list) else [doc], 1):
-        yield (i if isinstance(doc, list) else 1), obj, None
+            fmt = detect_format(obj)
+            expected = formats.setdefault(str(path), fmt)
+            if fmt != expected:
+                raise Reject(f"a {fmt} record in a file of {expected} records")
+            results = CONVERTERS[fmt](obj, f"{path}:{lineno}")
+        except Reject as e:
+            results = [e]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            # pydantic's ValidationError is a ValueError: a field of the wrong type.
+            results = [Reject(f"invalid record: {short_reason(e)}")]
+        for result in results:
+            yield lineno, result
 
 
-def _short(e: Exception) -> str:
+def short_reason(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
 

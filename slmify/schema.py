@@ -10,10 +10,10 @@ by one stage can be read back, checked, by the next.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
@@ -82,14 +82,12 @@ class CallRecord(BaseModel):
 
     def content_hash(self) -> str:
         """Hash of what was asked and answered; equal hashes are exact duplicates."""
-        return content_hash(
-            {
-                "request": self.request.model_dump(mode="json"),
-                "response": self.response.model_dump(mode="json", exclude={"response_id"})
-                if self.response
-                else None,
-            }
-        )
+        # The models' fields as they are (all JSON types), not a model_dump copy: hashing
+        # is on every import's hot path.
+        response = None
+        if self.response is not None:
+            response = {k: v for k, v in self.response if k != "response_id"}
+        return content_hash({"request": dict(self.request), "response": response})
 
     def tool_calls(self) -> list[dict[str, Any]]:
         """The response's tool calls as `[{"name": ..., "arguments": str}]`.
@@ -97,18 +95,7 @@ class CallRecord(BaseModel):
         The legacy `function_call` is returned in the same shape, so later stages see one
         representation for both APIs.
         """
-        if self.response is None:
-            return []
-        msg = self.response.message
-        calls = [
-            {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or ""}
-            for c in msg.get("tool_calls") or []
-            if isinstance(c, dict) and isinstance(c.get("function"), dict)
-        ]
-        fc = msg.get("function_call")
-        if isinstance(fc, dict) and fc.get("name"):
-            calls.append({"name": fc["name"], "arguments": fc.get("arguments") or ""})
-        return calls
+        return message_tool_calls(self.response.message) if self.response else []
 
     def offered_tools(self) -> list[dict[str, Any]]:
         """The tool schemas offered (`tools` or legacy `functions`) as function specs."""
@@ -130,6 +117,12 @@ class Curation(BaseModel):
     excluded: str | None = Field(
         default=None, description="Why the call is kept out of training, if it is."
     )
+    masked_hash: str | None = Field(
+        default=None,
+        description="Content hash of the call with PII masked by type only (`<EMAIL>`), the "
+        "same in any session: equal hashes are exact duplicates. No hash of the raw text is "
+        "kept, since with the scrubbed record it would let a short value (an SSN) be guessed.",
+    )
 
 
 def message_text(content: Any) -> str:
@@ -145,10 +138,29 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
+def message_tool_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as `[{"name": ..., "arguments": str}]`, the legacy
+    `function_call` included; the LLM's answer and a specialist's are read the same way."""
+    calls = [
+        {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or ""}
+        for c in message.get("tool_calls") or []
+        if isinstance(c, dict) and isinstance(c.get("function"), dict)
+    ]
+    fc = message.get("function_call")
+    if isinstance(fc, dict) and fc.get("name"):
+        calls.append({"name": fc["name"], "arguments": fc.get("arguments") or ""})
+    return calls
+
+
 def content_hash(obj: Any) -> str:
-    """A stable sha256 of a JSON-serializable object (keys sorted)."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    """A stable sha256 of a JSON-serializable object (keys sorted, compact, UTF-8).
+
+    orjson, not json: the stdlib's sorted dump was half of an import's time. The bytes are
+    the same as `json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":"))`
+    for JSON data (non-string keys become strings, as there); float spellings may differ.
+    """
+    options = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+    return hashlib.sha256(orjson.dumps(obj, option=options)).hexdigest()
 
 
 # -- S3 cluster ---------------------------------------------------------------------------
@@ -171,3 +183,264 @@ class TaskCluster(BaseModel):
     output_diversity: float = 0.0
     value_score: float = 0.0
     representatives: list[str] = Field(default_factory=list, description="Call ids.")
+
+
+# -- S4/S5 train --------------------------------------------------------------------------
+
+
+class PromptPruning(BaseModel):
+    """`specialists/<task id>/pruning.json`: prompt text every call of the task repeats,
+    removed before training; eval and serving apply the same to build the same input."""
+
+    schema_version: int = SCHEMA_VERSION
+    system: str | None = Field(
+        default=None,
+        description="Dropped system message: removed when a request's first message is a "
+        "system message with exactly this text.",
+    )
+    tools_action: Literal["keep", "compact", "drop"] = "keep"
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="The task's shared tool schemas (function specs) as offered; a request "
+        "offering exactly these gets them compacted (no descriptions) or dropped.",
+    )
+
+
+class SpecialistResult(BaseModel):
+    """One task's line in `slmify train --json`, and `specialists/<task id>/result.json`."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    status: Literal["trained", "skipped", "failed"]
+    reason: str | None = None
+    adapter: str | None = Field(default=None, description="The peft adapter folder.")
+    base_model: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- S6 eval, gate and manifest -----------------------------------------------------------
+
+
+class AnswerScore(BaseModel):
+    """How one model's answer to one call compares with the LLM's."""
+
+    shape: OutputShape = Field(description="The LLM answer's shape, which picks the metrics.")
+    agree: bool
+    score: float = Field(ge=0.0, le=1.0, description="1/0 for exact shapes, similarity for text.")
+    metrics: dict[str, float | bool | None] = Field(default_factory=dict)
+
+
+class ModelAnswer(BaseModel):
+    """A model's answer to one test call, as generated and as scored."""
+
+    text: str
+    message: dict[str, Any]
+    score: AnswerScore
+    latency_ms: float
+    output_tokens: int
+    judge: float | None = Field(default=None, description="LLM judge verdict (text calls).")
+
+
+class CallEval(BaseModel):
+    """One line of `eval/<task id>/calls.jsonl`: the specialist and the base model on one call."""
+
+    schema_version: int = SCHEMA_VERSION
+    call_id: str
+    task_id: str
+    reference: dict[str, Any] = Field(description="The LLM's assistant message.")
+    llm_latency_ms: float | None = None
+    specialist: ModelAnswer
+    base: ModelAnswer
+
+
+class Agreement(BaseModel):
+    """Agreement with the LLM over a task's test calls, with a one-sided confidence bound."""
+
+    n: int
+    mean: float
+    lower: float
+    upper: float
+    confidence: float
+    method: Literal["wilson", "bootstrap"]
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Each per-call metric averaged over the calls having it."
+    )
+    by_shape: dict[str, int] = Field(default_factory=dict, description="Test calls per shape.")
+
+
+class ModelEval(BaseModel):
+    agreement: Agreement
+    latency_ms_p50: float | None = None
+    tokens_per_s: float | None = None
+
+
+class GateDecision(BaseModel):
+    status: Literal["promoted", "llm"]
+    reason: str = Field(description="Human-readable, with the numbers.")
+    threshold: float | None = None
+
+
+class EvalReport(BaseModel):
+    """`eval/<task id>/report.json`: what `slmify eval` measured on one task's test split."""
+
+    schema_version: int = SCHEMA_VERSION
+    task_id: str
+    output_shape: OutputShape
+    specialist: ModelEval
+    base: ModelEval
+    llm_latency_ms_p50: float | None = Field(
+        default=None, description="The LLM's recorded latency on the same calls, where logged."
+    )
+    judge_model: str | None = None
+    decision: GateDecision
+    adapter: str
+    calls_file: str
+    created_at: datetime
+
+
+class RouterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    artifact: str = Field(description="The file `load_router` reads.")
+    confidence_threshold: float = Field(
+        description="Below this routing confidence a call goes to the LLM."
+    )
+
+
+class FallbackLLM(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(description="The LLM the agent called, as recorded.")
+    endpoint: str | None = Field(description="Its endpoint as recorded; null when logs lack it.")
+
+
+class SpecialistSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="As the recipe names it.")
+    base_model_path: str = Field(description="The folder or HF id a server loads.")
+    adapter_path: str
+    lora_rank: int
+    input_pruning: list[str] = Field(description="What the prompt builder removes from a call.")
+    chat_template: str = Field(description="Chat template convention the adapter was trained on.")
+
+
+class TaskEvaluation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    test_calls: int
+    agreement: float
+    agreement_lower: float
+    base_agreement: float
+    base_agreement_lower: float
+    method: Literal["wilson", "bootstrap"]
+    confidence: float
+    specialist_latency_ms_p50: float | None
+    specialist_tokens_per_s: float | None
+    llm_latency_ms_p50: float | None
+    report: str
+
+
+class ManifestTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    label: str
+    share: float
+    calls: int
+    output_shape: OutputShape
+    status: Literal["promoted", "llm"]
+    reason: str
+    specialist: SpecialistSpec | None = None
+    evaluation: TaskEvaluation | None = None
+    data_hash: str | None = None
+    recipe_hash: str | None = None
+
+
+class Savings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    specialist_share: float = Field(description="Share of calls served by promoted specialists.")
+    specialist_calls: int
+    llm_cost_usd: float = Field(description="LLM cost of all clustered calls, at the price table.")
+    llm_cost_usd_moved: float = Field(description="The part of it promoted tasks take off the LLM.")
+    llm_latency_s_moved: float | None = Field(
+        description="LLM seconds on the promoted tasks' calls (median recorded latency x "
+        "calls); null when the logs have no latency."
+    )
+    prices: str = Field(description="Where the prices came from.")
+
+
+class Manifest(BaseModel):
+    """`WORKSPACE/manifest.yaml`: what to deploy, and why each task is or is not promoted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = SCHEMA_VERSION
+    created_at: datetime
+    router: RouterSpec | None
+    fallback: FallbackLLM
+    tasks: list[ManifestTask]
+    savings: Savings
+    exports: dict[str, str] = Field(
+        default_factory=dict, description="Serving configs written beside the manifest."
+    )
+
+
+# -- S6 serve -----------------------------------------------------------------------------
+
+
+class SpecialistAttempt(BaseModel):
+    """A specialist's answer to a served call that the client did not get: it failed
+    validation, or it ran in shadow beside the LLM."""
+
+    task_id: str
+    text: str
+    problem: str | None = Field(description="Why the answer is not valid; null when it is.")
+    latency_ms: float
+    output_tokens: int
+    score: AnswerScore | None = Field(
+        default=None, description="Agreement with the LLM's answer (shadow mode)."
+    )
+
+
+class ServedRoute(BaseModel):
+    """`metadata.route` of a call `slmify serve` answered: who answered, and why."""
+
+    schema_version: int = SCHEMA_VERSION
+    answered_by: str = Field(description="The task id of the specialist that answered, or `llm`.")
+    reason: str = Field(description="As sent in the x-slmify-reason header.")
+    task_id: str | None = Field(description="The task the router (or the request's model) chose.")
+    confidence: float | None = None
+    shadow: bool = False
+    specialist: SpecialistAttempt | None = None
+
+
+# -- S6 retrain (slmify run) --------------------------------------------------------------
+
+
+class DriftFinding(BaseModel):
+    """Something that changed between two `slmify run`s, and the work it calls for."""
+
+    kind: Literal[
+        "new-task-type",
+        "share-moved",
+        "router-confidence-dropped",
+        "specialist-agreement-dropped",
+        "gate-regressed",
+    ]
+    task_id: str | None = None
+    action: Literal["re-cluster", "retrain", "re-evaluate", "demote"]
+    detail: str = Field(description="Human-readable, with the numbers.")
+
+
+class StageOutcome(BaseModel):
+    """One stage of `slmify run`: whether it ran, and why (or why it was skipped)."""
+
+    name: Literal["collect", "curate", "cluster", "train", "eval", "manifest"]
+    ran: bool
+    reason: str
+    failed: bool = False
+    details: dict[str, Any] = Field(default_factory=dict)

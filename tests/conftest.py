@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+# .ci/run starts a server on loopback and exports this; locally the same URL is tried.
+POSTGRES = os.environ.get("SLMIFY_TEST_POSTGRES") or (
+    "postgresql://postgres:slmify@127.0.0.1:5432/slmify_test"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +30,56 @@ def dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found (the shared datasets live beside the checkout)")
     return path
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL store URL on a fresh schema (dropped afterwards), so reruns and parallel
+    runs never see each other's rows; skips when no server is reachable, unless
+    SLMIFY_TEST_POSTGRES promised one."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        if os.environ.get("SLMIFY_TEST_POSTGRES"):
+            raise
+        pytest.skip(f"no PostgreSQL server at {POSTGRES}: {e}")
+    schema = f"slmify_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in POSTGRES else "?"
+    try:
+        yield f"{POSTGRES}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+def make_tiny_base(folder: Path) -> Path:
+    """A 2-layer random Llama (hidden 16) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slmify.models import resolve_base
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random base model for the whole run (see `make_tiny_base`)."""
+    return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))

@@ -17,12 +17,10 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -433,28 +431,11 @@ def test_cli_rejects_an_upstream_that_is_not_a_url():
     )
 
 
-@contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the server, dropped afterwards: its URL."""
-    import psycopg
-
-    name = f"slmify_proxy_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-        finally:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
 @pytest.mark.postgres
-def test_records_into_a_postgresql_store(tau_calls):
-    server = os.environ.get("SLMIFY_TEST_POSTGRES_URL")
-    if not server:
-        pytest.skip("set SLMIFY_TEST_POSTGRES_URL to a server where a database may be created")
+def test_records_into_a_postgresql_store(tau_calls, postgres_url):
     fake = FakeLLM(tau_calls)
     bodies = [c["request"] for c in tau_calls[:5]] + [{**tau_calls[5]["request"], "stream": True}]
-    with scratch_database(server) as db, open_store(db) as st:
+    with open_store(postgres_url) as st:
         with serving(fake.app) as up, proxy(f"{up}/v1", st) as (url, writer):
             assert [s for s, _ in send(url, bodies, {"Authorization": SECRET})] == [200] * 6
         assert writer.counts["recorded"] == st.count_calls() == 6

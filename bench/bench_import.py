@@ -1,0 +1,94 @@
+"""Import throughput and peak memory of `slmify collect import` on a real log.
+
+Imports ../shared/datasets/tau-airline/calls.jsonl.gz (2,454 calls) into a fresh SQLite
+store in a temporary folder, `--runs` times, and prints calls/s (best and median run, by
+wall clock and by CPU time, which a busy shared machine disturbs less) and the peak
+memory: tracemalloc's peak of Python allocations during one import, and
+the child process's max RSS (which includes the interpreter and pydantic themselves).
+`--profile` prints the top of a cProfile of one import instead.
+
+    .venv/bin/python bench/bench_import.py [--runs 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from slmify.collect import import_files
+from slmify.store import open_store
+
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tau-airline"
+CALLS = DATASET / "calls.jsonl.gz"
+
+
+def import_once(tmp: Path) -> tuple[dict, float, float]:
+    """One import into a new store under `tmp`; returns (summary, wall s, CPU s)."""
+    tmp.mkdir(parents=True)
+    with open_store(str(tmp / "calls.db")) as store:
+        wall, cpu = time.perf_counter(), time.process_time()
+        summary = import_files(store, [CALLS], tmp / "rejects.jsonl")
+        return summary, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def child_max_rss_mib() -> float:
+    """Max RSS of a fresh interpreter that does one import (ru_maxrss is KiB on Linux)."""
+    code = (
+        "import sys, tempfile, pathlib; sys.path.insert(0, 'bench');"
+        "from bench_import import import_once;"
+        "import_once(pathlib.Path(tempfile.mkdtemp()) / 'rss')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if not CALLS.exists():
+        sys.exit(f"bench_import: {CALLS} not found")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(import_once, root / "profile")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+            return
+        import_once(root / "warmup")  # imports and pydantic schema builds, not timed
+        rates, cpu_rates = [], []
+        for i in range(args.runs):
+            summary, wall, cpu = import_once(root / f"run{i}")
+            assert summary["imported"] == summary["read"], summary
+            rates.append(summary["imported"] / wall)
+            cpu_rates.append(summary["imported"] / cpu)
+        tracemalloc.start()
+        import_once(root / "traced")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    print(f"dataset: {CALLS} ({summary['imported']} calls), fresh SQLite store per run")
+    print(
+        f"import throughput (wall clock): best {max(rates):,.0f} calls/s,"
+        f" median {statistics.median(rates):,.0f} calls/s over {args.runs} runs"
+    )
+    # On a shared machine the wall clock includes waiting for a core; CPU time does not.
+    print(
+        f"import throughput (CPU time): best {max(cpu_rates):,.0f} calls/s,"
+        f" median {statistics.median(cpu_rates):,.0f} calls/s"
+    )
+    print(f"peak Python allocations during one import (tracemalloc): {peak / 2**20:.1f} MiB")
+    print(f"max RSS of a child process doing one import: {child_max_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
