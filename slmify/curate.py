@@ -33,6 +33,10 @@ def exclusion_reason(rec: CallRecord) -> str | None:
     """Why a call must not train a specialist, or None if it may."""
     if rec.status == "error":
         return "error"
+    if rec.source.startswith("specialist:"):
+        # Served by `slmify serve` from a specialist, not the LLM: training on it would
+        # teach the specialist its own answers. It still counts for drift and shares.
+        return "specialist-answer"
     if not rec.request.messages:
         return "empty-request"
     if rec.response is None:

@@ -100,7 +100,7 @@ def call(
     messages = kw.pop("messages", [{"role": "user", "content": user}])
     return CallRecord(
         id=cid,
-        source="test",
+        source=kw.pop("source", "test"),
         session_id=session,
         request=ChatRequest(model="m", messages=messages),
         response=response,
@@ -183,6 +183,7 @@ def test_duplicates_and_failed_calls_stay_out_of_training(store: Store, tmp_path
             call("empty", answer="  "),
             call("cut", response=ChatResponse(message={"content": "x"}, finish_reason="length")),
             call("noreq", messages=[]),
+            call("served", "other", source="specialist:t01-classify"),
             call(
                 "tool",
                 answer=None,
@@ -192,12 +193,18 @@ def test_duplicates_and_failed_calls_stay_out_of_training(store: Store, tmp_path
     )
     report = curate_store(store, tmp_path / "r.json")
     assert report["duplicates"] == 1
-    assert report["excluded"] == {"error": 1, "empty-output": 1, "truncated": 1, "empty-request": 1}
+    assert report["excluded"] == {
+        "error": 1,
+        "empty-output": 1,
+        "truncated": 1,
+        "empty-request": 1,
+        "specialist-answer": 1,
+    }
     assert store.get_call("dup").curation.duplicate_of == "ok"
     assert [c.record.id for c in store.iter_calls(training_only=True)] == ["ok", "tool"]
     stats = store.stats()
     assert stats["excluded_by_reason"] == report["excluded"]
-    assert (stats["duplicates"], stats["excluded"], stats["curated"]) == (1, 4, 7)
+    assert (stats["duplicates"], stats["excluded"], stats["curated"]) == (1, 5, 8)
 
 
 def test_keep_raw_keeps_the_original_only_when_asked(store: Store, tmp_path: Path) -> None:
