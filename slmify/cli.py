@@ -73,7 +73,355 @@ def collect_import(
         if curate:
             from slmify.curate import curate_store
 
-            summary["curation"] = curate_store(st, ws.path("curation-report.json"))
+            summary["curation"] = curate_store(
+                st, ws.path("curation-report.json"), progress=not as_json
+            )
     emit(summary, as_json)
     if strict and summary["rejected"]:
         raise fail(f"{summary['rejected']} line(s) rejected, see {summary['rejects']}")
+
+
+@collect_app.command("proxy")
+def collect_proxy(
+    upstream: Annotated[
+        str,
+        typer.Option(
+            "--upstream",
+            help="The LLM's base URL as an OpenAI SDK takes it (https://api.openai.com/v1):"
+            " /v1/X on the proxy goes to UPSTREAM/X.",
+        ),
+    ],
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")
+    ] = 8900,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
+    ] = 600.0,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record the agent's calls live: point its OpenAI base URL at http://HOST:PORT/v1.
+
+    Chat completions (streamed or not) are forwarded unchanged and stored; other /v1/*
+    requests are forwarded only. Optional request headers `x-slmify-session` and
+    `x-slmify-agent` set the call's session id and agent name. Authorization and api-key
+    are forwarded, never stored. Ctrl-C stops it after writing every answered call."""
+    from slmify.proxy import run_proxy
+
+    if not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        try:
+            summary = run_proxy(
+                st, upstream, host, port, timeout, announce=lambda line: typer.echo(line, err=True)
+            )
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e}") from e
+    emit(summary, as_json)
+
+
+@collect_app.command("curate")
+def collect_curate(
+    keep_raw: Annotated[
+        bool,
+        typer.Option(
+            "--keep-raw", help="Also keep each call's unscrubbed record (raw_record column)."
+        ),
+    ] = False,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scrub PII and secrets, mark exact duplicates and failed calls (kept out of training).
+    Curates only calls not curated yet; the audit report goes to curation-report.json."""
+    from slmify.curate import curate_store
+
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        summary = curate_store(
+            st, ws.path("curation-report.json"), keep_raw=keep_raw, progress=not as_json
+        )
+    emit(summary, as_json)
+
+
+@collect_app.command("stats")
+def collect_stats(
+    workspace: WorkspaceOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Calls by agent, model and status; tokens; duplicates; exclusions; scrubbed PII."""
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        stats = st.stats()
+    if as_json:
+        emit(stats, as_json)
+    else:
+        from slmify.curate import print_stats
+
+        print_stats(stats)
+
+
+# -- S3 cluster --------------------------------------------------------------------------
+
+
+@app.command("cluster")
+def cluster(
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe", "-r", help="A shipped cluster recipe (recipes/cluster/NAME.yaml) or a path."
+        ),
+    ] = "default",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set algorithm=hdbscan (repeatable)."),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Discover the agent's recurring task types: WORKSPACE/cluster/ (tasks.json, report.html,
+    the runtime router) and WORKSPACE/assignments.jsonl (each call's task, or null: LLM)."""
+    from slmify.cluster import ClusterError, cluster_store, load_cluster_config
+    from slmify.embed import EmbeddingError
+
+    ws = Workspace.resolve(workspace, store)
+    try:
+        config = load_cluster_config(recipe, overrides or [])
+        with ws.open_store() as st:
+            summary = cluster_store(st, ws, config, progress=not as_json)
+    except (ClusterError, EmbeddingError) as e:
+        raise fail(str(e)) from None
+    emit(summary, as_json)
+
+
+# -- S4 select, S5 train -----------------------------------------------------------------
+
+
+@app.command("train")
+def train(
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe", "-r", help="A shipped recipe name (recipes/NAME.yaml) or a YAML path."
+        ),
+    ] = "cpu-smollm2-135m",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe key, e.g. --set lora.r=32 (repeatable)."),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Train only this task id (one CI matrix job).")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a LoRA specialist per task from the clustered calls: adapters, splits, metrics
+    and the resolved recipe under WORKSPACE/specialists/<task id>/."""
+    from slmify.models import ModelError
+    from slmify.recipes import RecipeError, load_recipe
+    from slmify.train import TrainError, train_all
+
+    ws = Workspace.resolve(workspace, store)
+    try:
+        summary = train_all(ws, load_recipe(recipe, overrides or []), task, progress=not as_json)
+    except (RecipeError, TrainError, ModelError) as e:
+        raise fail(str(e)) from None
+    emit(summary, as_json)
+
+
+# -- S6 eval, manifest -------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Evaluate only this task id (repeatable).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            min=1,
+            help="At most N test calls per task (a fixed sample by call-id hash): faster on "
+            "CPU; the gate's confidence bound widens with the smaller sample.",
+        ),
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-url",
+            help="OpenAI-compatible base URL (…/v1) of an LLM judge for free-text answers; "
+            "its key from $SLMIFY_JUDGE_API_KEY, else $OPENAI_API_KEY.",
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option("--judge-model", help="The judge's model name.")
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score each specialist and its base model against the LLM on the task's frozen test
+    split, and gate it: promoted, or kept on the LLM with the reason. Writes
+    WORKSPACE/eval/<task id>/calls.jsonl and report.json."""
+    from slmify.evaluate import EvalError, Judge, evaluate_workspace
+
+    if (judge_url is None) != (judge_model is None):
+        raise fail("--judge-url and --judge-model go together")
+    ws = Workspace.resolve(workspace, store)
+    judge = Judge.from_env(judge_url, judge_model) if judge_url and judge_model else None
+    with ws.open_store() as st:
+        try:
+            summary = evaluate_workspace(
+                ws.root,
+                st,
+                task,
+                limit,
+                judge,
+                progress=not as_json,
+                announce=(lambda line: None) if as_json else typer.echo,
+            )
+        except EvalError as e:
+            raise fail(str(e)) from None
+    # The per-task lines were printed as each task finished; JSON gets them structured.
+    emit(summary if as_json else {k: v for k, v in summary.items() if k != "tasks"}, as_json)
+
+
+@app.command("manifest")
+def manifest(
+    workspace: WorkspaceOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Write WORKSPACE/manifest.yaml (router, fallback LLM, every task promoted or on the
+    LLM with its reason, evaluation figures, savings) and serving exports: the `vllm serve`
+    command line and a LiteLLM proxy config under WORKSPACE/exports/."""
+    from slmify.evaluate import EvalError
+    from slmify.manifest import ManifestError, write_workspace_manifest
+
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        try:
+            summary = write_workspace_manifest(ws.root, st)
+        except (EvalError, ManifestError) as e:
+            raise fail(str(e)) from None
+    emit(summary, as_json)
+
+
+@app.command("serve")
+def serve(
+    manifest_path: Annotated[
+        Path, typer.Option("--manifest", help="The manifest.yaml written by `slmify manifest`.")
+    ],
+    upstream: Annotated[
+        str,
+        typer.Option(
+            "--upstream",
+            help="The fallback LLM's base URL as an OpenAI SDK takes it (https://api.openai.com"
+            "/v1). Its key: the client's Authorization / api-key headers, else "
+            "$SLMIFY_UPSTREAM_API_KEY; never stored.",
+        ),
+    ],
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")
+    ] = 8901,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    shadow: Annotated[
+        float,
+        typer.Option(
+            "--shadow",
+            min=0.0,
+            max=1.0,
+            help="Share of the calls routed to a specialist that the LLM answers instead, the "
+            "specialist answering in the background; their agreement is recorded.",
+        ),
+    ] = 0.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
+    ] = 600.0,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the agent's calls: point its OpenAI base URL at http://HOST:PORT/v1.
+
+    Each chat call goes to the promoted specialist of the task the router picks, or to the
+    upstream LLM (no match, low confidence, task not promoted, a request the specialist was
+    not trained for, or an answer that fails validation). Headers x-slmify-route and
+    x-slmify-reason say who answered and why; every call is recorded in the store with its
+    route. Ctrl-C stops it after recording every answered call."""
+    from slmify.serve import ServeError, run_server
+
+    if not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
+    if not manifest_path.is_file():
+        raise fail(f"no such file: {manifest_path}")
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        try:
+            summary = run_server(
+                st,
+                manifest_path,
+                upstream,
+                host,
+                port,
+                timeout,
+                shadow,
+                announce=lambda line: typer.echo(line, err=True),
+            )
+        except ServeError as e:
+            raise fail(str(e)) from None
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e}") from e
+    emit(summary, as_json)
+
+
+# -- S6 retrain: the whole conversion, incrementally -------------------------------------
+
+
+@app.command("run")
+def run(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The run config (see slmify.yaml).")
+    ] = Path("slmify.yaml"),
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Collect, curate, cluster, train, eval and write the manifest, each stage only when
+    its inputs changed since its last run (hashes in WORKSPACE/run/state.json); new calls of
+    one task retrain that task only. Reports drift (a new task type, a task's share moving,
+    the router's confidence dropping, a promoted specialist's live agreement falling below
+    its gate) and acts on it: re-cluster, retrain, or demote to the LLM.
+
+    Exit codes, for CI to branch on:
+    0 nothing to do, or all good;
+    1 a stage failed (the summary names it);
+    2 bad config (unknown key, bad value), missing source file or unknown recipe;
+    3 a specialist was demoted to the LLM, or a promoted task failed the gate."""
+    from slmify.run import EXIT_BAD_INPUT, RunConfigError, print_summary, run_pipeline
+    from slmify.store import StoreError
+
+    ws = Workspace.resolve(workspace, store)
+    try:
+        summary = run_pipeline(
+            ws,
+            config,
+            progress=not as_json,
+            announce=(lambda line: None) if as_json else (lambda line: typer.echo(line, err=True)),
+        )
+    except RunConfigError as e:
+        raise fail(str(e), EXIT_BAD_INPUT) from None
+    except StoreError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        emit(summary, as_json)
+    else:
+        print_summary(summary)
+    raise typer.Exit(summary["exit_code"])

@@ -1,11 +1,23 @@
 """The quality gate (S6): when a specialist is good enough to replace the LLM on a task.
 
-`EvalConfig` is the recipe's `eval:` section; the decision functions live beside it.
+`EvalConfig` is the recipe's `eval:` section; the decision functions live beside it. A
+specialist is promoted only when the one-sided lower confidence bound of its agreement
+with the LLM clears the threshold for the task's output shape, over at least
+`min_test_calls` test calls. Agreement on exact shapes is a proportion (Wilson score
+bound); on free text it is a mean similarity (percentile bootstrap bound).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import math
+from statistics import NormalDist
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmify.schema import Agreement, GateDecision, OutputShape
+
+DEFAULT_THRESHOLDS = {"tool_call": 0.9, "json": 0.9, "label": 0.9, "text": 0.7}
 
 
 class EvalConfig(BaseModel):
@@ -14,8 +26,111 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_test_calls: int = Field(20, description="Fewer test calls than this: stays on the LLM.")
+    min_test_calls: int = Field(
+        20, ge=1, description="Fewer test calls than this: stays on the LLM."
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"tool_call": 0.9, "json": 0.9, "label": 0.9, "text": 0.7}
+        default_factory=lambda: dict(DEFAULT_THRESHOLDS),
+        description="Per output shape; shapes left out keep their default.",
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="More: a steadier bound on text similarity, slower."
+    )
+    max_new_tokens: int = Field(
+        256, ge=1, description="Generation cap per test call; too low truncates long answers."
+    )
+    seed: int = 0
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_shapes(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DEFAULT_THRESHOLDS))
+        if unknown:
+            raise ValueError(
+                f"unknown output shape(s) {unknown}; thresholds take {sorted(DEFAULT_THRESHOLDS)}"
+            )
+        bad = {k: v for k, v in value.items() if not 0.0 < v <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1]: {bad}")
+        return {**DEFAULT_THRESHOLDS, **value}
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(confidence)
+
+
+def wilson_bounds(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson score bounds of a proportion, each at `confidence`."""
+    if n == 0:
+        return 0.0, 1.0
+    z = _z(confidence)
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    denom = 1 + z * z / n
+    return max(0.0, (centre - spread) / denom), min(1.0, (centre + spread) / denom)
+
+
+def bootstrap_bounds(
+    scores: list[float], confidence: float, resamples: int, seed: int
+) -> tuple[float, float]:
+    """One-sided percentile-bootstrap bounds of a mean, each at `confidence`."""
+    if not scores:
+        return 0.0, 1.0
+    values = np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.quantile(means, 1 - confidence)), float(np.quantile(means, confidence))
+
+
+def agreement(
+    scores: list[float],
+    cfg: EvalConfig,
+    metrics: dict[str, float] | None = None,
+    by_shape: dict[str, int] | None = None,
+) -> Agreement:
+    """Mean per-call agreement with its bound: Wilson when every score is 0 or 1."""
+    n = len(scores)
+    binary = all(s in (0.0, 1.0) for s in scores)
+    if binary:
+        lower, upper = wilson_bounds(int(sum(scores)), n, cfg.confidence)
+    else:
+        lower, upper = bootstrap_bounds(scores, cfg.confidence, cfg.bootstrap_resamples, cfg.seed)
+    return Agreement(
+        n=n,
+        mean=sum(scores) / n if n else 0.0,
+        lower=lower,
+        upper=upper,
+        confidence=cfg.confidence,
+        method="wilson" if binary else "bootstrap",
+        metrics=metrics or {},
+        by_shape=by_shape or {},
+    )
+
+
+def decide(specialist: Agreement, shape: OutputShape, cfg: EvalConfig) -> GateDecision:
+    """Promote, or keep on the LLM with the reason and its numbers."""
+    threshold = cfg.thresholds[shape]
+    if specialist.n < cfg.min_test_calls:
+        return GateDecision(
+            status="llm",
+            threshold=threshold,
+            reason=f"too few test calls: {specialist.n} < min_test_calls {cfg.min_test_calls}",
+        )
+    what = "agreement" if specialist.method == "wilson" else "mean similarity"
+    figures = (
+        f"{what} {specialist.mean:.3f} over {specialist.n} test calls, "
+        f"{specialist.confidence:.0%} lower bound {specialist.lower:.3f} ({specialist.method})"
+    )
+    if specialist.lower >= threshold:
+        return GateDecision(
+            status="promoted",
+            threshold=threshold,
+            reason=f"{figures} >= {shape} threshold {threshold:.2f}",
+        )
+    return GateDecision(
+        status="llm",
+        threshold=threshold,
+        reason=f"{figures} < {shape} threshold {threshold:.2f}",
     )

@@ -83,6 +83,7 @@ class Exchange:
     stream: bool = False
     latency_ms: float = 0.0
     error: str | None = None  # unreachable, timed out, or broke off mid-stream
+    metadata: dict[str, Any] = field(default_factory=dict)  # stored as the record's metadata
 
 
 # -- forwarding -------------------------------------------------------------------------
@@ -115,9 +116,14 @@ class Upstream:
             await self.session.close()
 
     async def forward(
-        self, request: web.Request, body: bytes
+        self,
+        request: web.Request,
+        body: bytes,
+        send_headers: dict[str, str] | None = None,
+        answer_headers: dict[str, str] | None = None,
     ) -> tuple[web.StreamResponse, Exchange]:
-        """Send `request` (its body already read) upstream and answer the client."""
+        """Send `request` (its body already read) upstream and answer the client, adding
+        `send_headers` to what goes upstream and `answer_headers` to the answer."""
         assert self.session is not None, "Upstream.open() first"
         ex = Exchange(
             source=self.source,
@@ -131,6 +137,7 @@ class Upstream:
             for k, v in request.headers.items()
             if k.lower() not in REQUEST_DROP and not k.lower().startswith("x-slmify-")
         )
+        headers.update(send_headers or {})
         # raw_path keeps the agent's own percent-encoding (and its query string).
         url = self.url.rstrip("/") + request.raw_path.removeprefix("/v1")
         t0 = time.perf_counter()
@@ -141,6 +148,7 @@ class Upstream:
                     (k, v) for k, v in up.headers.items() if k.lower() not in RESPONSE_DROP
                 )
                 if up.content_type == "text/event-stream":
+                    out_headers.update(answer_headers or {})  # sent before the first event
                     resp = await _relay_stream(request, up, out_headers, ex, self.timeout_s)
                 else:
                     ex.body = await up.read()
@@ -151,6 +159,8 @@ class Upstream:
         except aiohttp.ClientError as e:
             message = f"cannot reach upstream {redact_url(self.url)}: {e}"
             resp = _fail(ex, 502, message, "upstream_unreachable")
+        if not resp.prepared:  # a JSON answer, relayed or an error made here
+            resp.headers.update(answer_headers or {})
         ex.latency_ms = round((time.perf_counter() - t0) * 1000, 3)
         return resp, ex
 
@@ -314,6 +324,7 @@ def exchange_to_record(ex: Exchange) -> CallRecord:
         latency_ms=ex.latency_ms,
         status="error" if error else "ok",
         error=error,
+        metadata=ex.metadata,
     )
 
 

@@ -179,6 +179,9 @@ class TaskCluster(BaseModel):
     share: float
     input_tokens: int = 0
     output_tokens: int = 0
+    tokens_estimated: bool = Field(
+        False, description="Counted with the embedding model's tokenizer: the logs lack usage."
+    )
     llm_cost_usd: float = 0.0
     output_diversity: float = 0.0
     value_score: float = 0.0
@@ -211,7 +214,7 @@ class SpecialistResult(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     id: str
-    status: Literal["trained", "skipped", "failed"]
+    status: Literal["trained", "skipped"]
     reason: str | None = None
     adapter: str | None = Field(default=None, description="The peft adapter folder.")
     base_model: str | None = None
@@ -443,4 +446,5 @@ class StageOutcome(BaseModel):
     ran: bool
     reason: str
     failed: bool = False
+    seconds: float = 0.0
     details: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,393 @@
+"""The deployment manifest (S6): what to serve, and why each task is or is not promoted.
+
+`build_manifest` reads the cluster stage's tasks and router, each specialist's training
+record and each task's eval report, and `write_manifest` writes WORKSPACE/manifest.yaml
+(checked against the JSON Schema shipped as slmify/manifest.schema.json) with two exports
+beside it for serving tools:
+
+- exports/vllm-serve.sh: one `vllm serve BASE --enable-lora --lora-modules name=path ...`
+  per base model, holding the promoted adapters;
+- exports/litellm-config.yaml: a LiteLLM proxy config with each promoted task as
+  `hosted_vllm/<task id>` at the vLLM server, the fallback LLM, and `router_settings.
+  fallbacks` sending a task to the LLM when its specialist fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slmify.schema import (
+    EvalReport,
+    FallbackLLM,
+    Manifest,
+    ManifestTask,
+    PromptPruning,
+    RouterSpec,
+    Savings,
+    SpecialistResult,
+    SpecialistSpec,
+    TaskCluster,
+    TaskEvaluation,
+    content_hash,
+)
+
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+VLLM_HOST = "0.0.0.0"
+VLLM_PORT = 8000  # the first vLLM server; one more port per further base model
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+PRICES_SOURCE = (
+    "the cluster stage's per-task llm_cost_usd: slmify.tasks.DEFAULT_PRICES (USD per million "
+    "tokens) with the cluster recipe's `prices` overrides (cluster/config.yaml)"
+)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be built or read; the message names the file."""
+
+
+# -- the manifest file --------------------------------------------------------------------
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest.yaml, as shipped in the package."""
+    return Manifest.model_json_schema()
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> None:
+    """Regenerate the shipped schema after changing `Manifest` (a test checks it is current)."""
+    path.write_text(json.dumps(manifest_json_schema(), indent=2) + "\n", encoding="utf-8")
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    data = manifest.model_dump(mode="json")
+    _validate(data, path)
+    header = (
+        "# slmify deployment manifest: the router, the fallback LLM, and per task whether its\n"
+        "# specialist is promoted or the task stays on the LLM, and why. Schema:\n"
+        "# slmify/manifest.schema.json. Written by `slmify manifest`; do not edit by hand.\n"
+    )
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and check a manifest.yaml against the shipped JSON Schema."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ManifestError(f"{path}: cannot read the manifest: {e}") from e
+    _validate(data, path)
+    return Manifest.model_validate(data)
+
+
+def _validate(data: Any, path: Path) -> None:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"
+        raise ManifestError(
+            f"{path}: does not match the manifest schema at {where}: {errors[0].message}"
+        )
+
+
+# -- exports for serving tools ------------------------------------------------------------
+
+
+def _promoted_by_base(manifest: Manifest) -> dict[str, list[ManifestTask]]:
+    groups: dict[str, list[ManifestTask]] = defaultdict(list)
+    for task in manifest.tasks:
+        if task.status == "promoted" and task.specialist is not None:
+            groups[task.specialist.base_model_path].append(task)
+    return dict(sorted(groups.items()))
+
+
+def _lora_module(name: str, path: str) -> str:
+    # vLLM splits `name=path` on "=" and reads anything holding "," as JSON, so such a
+    # path is written in the JSON form.
+    if "=" in name + path or "," in name + path:
+        return json.dumps({"name": name, "path": path})
+    return f"{name}={path}"
+
+
+def vllm_max_lora_rank(ranks: list[int]) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds every adapter's rank."""
+    need = max(ranks)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= need:
+            return allowed
+    raise ManifestError(f"LoRA rank {need} exceeds vLLM's largest --max-lora-rank 512")
+
+
+def vllm_commands(manifest: Manifest) -> list[tuple[list[str], str]]:
+    """Per base model: the `vllm serve` argv for its promoted adapters, and its api_base."""
+    out = []
+    for i, (base, tasks) in enumerate(_promoted_by_base(manifest).items()):
+        port = VLLM_PORT + i
+        argv = ["vllm", "serve", base, "--host", VLLM_HOST, "--port", str(port)]
+        argv += ["--enable-lora", "--lora-modules"]
+        argv += [_lora_module(t.id, t.specialist.adapter_path) for t in tasks]
+        argv += [
+            "--max-lora-rank",
+            str(vllm_max_lora_rank([t.specialist.lora_rank for t in tasks])),
+        ]
+        # One batch may mix every adapter; vLLM's default of 1 would serialize them.
+        argv += ["--max-loras", str(len(tasks))]
+        out.append((argv, f"http://localhost:{port}/v1"))
+    return out
+
+
+def fallback_model_name(manifest: Manifest) -> str:
+    return manifest.fallback.model or "fallback-llm"
+
+
+def litellm_config(manifest: Manifest) -> dict[str, Any]:
+    """A LiteLLM proxy config.yaml: task models on vLLM, the LLM, and fallbacks to it."""
+    llm = fallback_model_name(manifest)
+    llm_params: dict[str, Any] = {"model": f"openai/{llm}", "api_key": "os.environ/OPENAI_API_KEY"}
+    if manifest.fallback.endpoint:
+        llm_params["api_base"] = manifest.fallback.endpoint
+    model_list: list[dict[str, Any]] = []
+    fallbacks: list[dict[str, list[str]]] = []
+    for argv, api_base in vllm_commands(manifest):
+        for task in _promoted_by_base(manifest)[argv[2]]:
+            model_list.append(
+                {
+                    "model_name": task.id,
+                    "litellm_params": {"model": f"hosted_vllm/{task.id}", "api_base": api_base},
+                }
+            )
+            fallbacks.append({task.id: [llm]})
+    model_list.append({"model_name": llm, "litellm_params": llm_params})
+    return {"model_list": model_list, "router_settings": {"fallbacks": fallbacks}}
+
+
+def _shell_line(argv: list[str]) -> str:
+    """A command line with each --flag on its own continued line, for reading."""
+    out = shlex.quote(argv[0])
+    for arg in argv[1:]:
+        out += " \\\n  " if arg.startswith("--") else " "
+        out += shlex.quote(arg)
+    return out
+
+
+def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
+    """Write the vLLM command line(s) and the LiteLLM config; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    commands = vllm_commands(manifest)
+    lines = ["#!/bin/sh", "# Serves the promoted specialists; written by `slmify manifest`."]
+    if not commands:
+        lines.append("# No task is promoted: every call stays on the LLM, nothing to serve.")
+    background = " &" if len(commands) > 1 else ""
+    lines += [_shell_line(argv) + background for argv, _ in commands]
+    if len(commands) > 1:
+        lines.append("wait")
+    vllm_path = folder / "vllm-serve.sh"
+    vllm_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    litellm_path = folder / "litellm-config.yaml"
+    litellm_path.write_text(
+        "# LiteLLM proxy config written by `slmify manifest`: `litellm --config THIS`.\n"
+        + yaml.safe_dump(litellm_config(manifest), sort_keys=False),
+        encoding="utf-8",
+    )
+    return {"vllm": str(vllm_path), "litellm": str(litellm_path)}
+
+
+# -- building it from the workspace -------------------------------------------------------
+
+
+def build_manifest(ws_root: Path, store: Any) -> Manifest:
+    """The manifest of the workspace as it stands: every task, promoted or on the LLM."""
+    from slmify.evaluate import load_tasks
+
+    tasks = load_tasks(ws_root)
+    entries = [manifest_task(ws_root, t) for t in tasks]
+    return Manifest(
+        created_at=datetime.now(timezone.utc),
+        router=router_spec(ws_root),
+        fallback=fallback_llm(store),
+        tasks=entries,
+        savings=savings(tasks, entries),
+    )
+
+
+def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
+    """One task's entry: its specialist and evaluation when they exist, and the decision."""
+    folder = ws_root / "specialists" / task.id
+    result_file, report_file = folder / "result.json", ws_root / "eval" / task.id / "report.json"
+    result = (
+        SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+        if result_file.exists()
+        else None
+    )
+    entry = ManifestTask(
+        id=task.id,
+        label=task.label,
+        share=task.share,
+        calls=task.calls,
+        output_shape=task.output_shape,
+        status="llm",
+        reason="no specialist trained (run `slmify train`)",
+    )
+    if result is None or result.status != "trained" or not result.adapter:
+        if result is not None:
+            entry.reason = f"no specialist: training {result.status}" + (
+                f" ({result.reason})" if result.reason else ""
+            )
+        return entry
+    entry.specialist = specialist_spec(folder, result)
+    data = folder / "dataset"
+    entry.data_hash = files_hash([data / "train.jsonl", data / "validation.jsonl"])
+    entry.recipe_hash = content_hash(yaml.safe_load((folder / "recipe.yaml").read_text()))
+    if not report_file.exists():
+        entry.reason = "not evaluated yet (run `slmify eval`)"
+        return entry
+    report = EvalReport.model_validate_json(report_file.read_text(encoding="utf-8"))
+    entry.evaluation = task_evaluation(report, report_file)
+    adapter_time = datetime.fromtimestamp(
+        (Path(result.adapter) / "adapter_config.json").stat().st_mtime, timezone.utc
+    )
+    if report.created_at < adapter_time:
+        entry.reason = "the evaluation predates the adapter, retrained since (run `slmify eval`)"
+        return entry
+    entry.status, entry.reason = report.decision.status, report.decision.reason
+    return entry
+
+
+def router_spec(ws_root: Path) -> RouterSpec | None:
+    """The router `slmify cluster` fitted (cluster/router/), or None: all calls to the LLM."""
+    folder = ws_root / "cluster" / "router"
+    if not (folder / "router.json").exists():
+        return None
+    meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
+    return RouterSpec(
+        embedding_model=meta["embedding_model"],
+        params={
+            "max_seq_length": meta["max_seq_length"],
+            "classes": meta["classes"],
+            "holdout": meta.get("holdout"),
+        },
+        # Relative to the manifest's folder (the workspace), so the workspace can move.
+        artifact=str(folder.relative_to(ws_root)),
+        confidence_threshold=meta["min_confidence"],
+    )
+
+
+def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
+    """What serving needs to load and prompt the specialist exactly as it was evaluated."""
+    from transformers import AutoTokenizer
+
+    from slmify.datasets import native_tools, turn_end
+    from slmify.models import resolve_base
+
+    adapter = Path(result.adapter)
+    lora = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
+    removed = []
+    if pruning.system is not None:
+        removed.append(f"the shared system message ({len(pruning.system)} chars)")
+    if pruning.tools and pruning.tools_action != "keep":
+        what = "descriptions of" if pruning.tools_action == "compact" else "all of"
+        removed.append(f"{what} the {len(pruning.tools)} shared tool schemas")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tools = "rendered by the template" if native_tools(tokenizer) else "in the system message"
+    return SpecialistSpec(
+        base_model=result.base_model,
+        base_model_path=str(resolve_base(result.base_model)),
+        adapter_path=str(adapter.resolve()),
+        lora_rank=int(lora["r"]),
+        input_pruning=removed,
+        chat_template=(
+            f"the base model's chat template, turns ending {turn_end(tokenizer)}; tool schemas "
+            f'{tools}; tool calls as <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>'
+        ),
+    )
+
+
+def files_hash(paths: list[Path]) -> str:
+    """sha256 over the files' bytes in order: the exact data an adapter was trained on."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()
+
+
+def task_evaluation(report: EvalReport, report_file: Path) -> TaskEvaluation:
+    s, b = report.specialist, report.base
+    return TaskEvaluation(
+        test_calls=s.agreement.n,
+        agreement=round(s.agreement.mean, 4),
+        agreement_lower=round(s.agreement.lower, 4),
+        base_agreement=round(b.agreement.mean, 4),
+        base_agreement_lower=round(b.agreement.lower, 4),
+        method=s.agreement.method,
+        confidence=s.agreement.confidence,
+        specialist_latency_ms_p50=s.latency_ms_p50,
+        specialist_tokens_per_s=s.tokens_per_s,
+        llm_latency_ms_p50=report.llm_latency_ms_p50,
+        report=str(report_file),
+    )
+
+
+def fallback_llm(store: Any) -> FallbackLLM:
+    """The LLM the agent called most, and its endpoint when a proxy recorded it."""
+    models: Counter[str] = Counter()
+    endpoints: Counter[str] = Counter()
+    for stored in store.iter_calls():
+        rec = stored.record
+        model = (rec.response.model if rec.response else None) or rec.request.model
+        if model:
+            models[model] += 1
+        if rec.source.startswith("proxy:"):
+            endpoints[rec.source.removeprefix("proxy:")] += 1
+    return FallbackLLM(
+        model=models.most_common(1)[0][0] if models else None,
+        endpoint=endpoints.most_common(1)[0][0] if endpoints else None,
+    )
+
+
+def savings(tasks: list[TaskCluster], entries: list[ManifestTask]) -> Savings:
+    """What moves off the LLM if the promoted specialists serve their tasks."""
+    promoted = [e for e in entries if e.status == "promoted"]
+    cost = {t.id: t.llm_cost_usd for t in tasks}
+    latencies = [(e.evaluation.llm_latency_ms_p50, e.calls) for e in promoted if e.evaluation]
+    latency_known = all(ms is not None for ms, _ in latencies)
+    return Savings(
+        specialist_share=round(sum(e.share for e in promoted), 4),
+        specialist_calls=sum(e.calls for e in promoted),
+        llm_cost_usd=round(sum(cost.values()), 4),
+        llm_cost_usd_moved=round(sum(cost[e.id] for e in promoted), 4),
+        # The median recorded latency times the calls: an estimate, the logs hold no more.
+        llm_latency_s_moved=round(sum(ms * n for ms, n in latencies) / 1000, 1)
+        if latency_known
+        else None,
+        prices=PRICES_SOURCE,
+    )
+
+
+def write_workspace_manifest(ws_root: Path, store: Any) -> dict[str, Any]:
+    """Build and write WORKSPACE/manifest.yaml and its exports; the summary to print."""
+    manifest = build_manifest(ws_root, store)
+    manifest.exports = write_exports(manifest, ws_root / "exports")
+    path = ws_root / "manifest.yaml"
+    write_manifest(manifest, path)
+    promoted = [t for t in manifest.tasks if t.status == "promoted"]
+    s = manifest.savings
+    return {
+        "manifest": str(path),
+        "promoted": f"{len(promoted)} of {len(manifest.tasks)} tasks, "
+        f"{s.specialist_share:.1%} of calls ({s.specialist_calls})",
+        "llm_cost_usd_moved": f"{s.llm_cost_usd_moved:.2f} of {s.llm_cost_usd:.2f}",
+        "llm_latency_s_moved": s.llm_latency_s_moved,
+        "tasks": {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks},
+        **manifest.exports,
+    }

@@ -1,0 +1,203 @@
+"""The runtime router: which task a request belongs to, or the LLM, before it answers.
+
+`slmify cluster` fits it on input-only features (agent identity, the task statement's
+answer format, the last turn's role, the agent's previous action, and the projected
+embeddings of the task statement and last turn) against the clustering's own
+assignment, scores it on held-out sessions, then refits on all calls and saves it to
+WORKSPACE/cluster/router/: `router.json` (classes, vocabularies, settings, held-out
+score) and `router.npz` (the projections and the logistic-regression weights). No
+pickle: both files are inspectable and loading runs no code from them.
+
+`load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
+confidence)` for "stay with the LLM". At routing time the work is one MiniLM pass on
+the last turn (the task statement repeats across a session and is cached), a matmul
+and a softmax.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmify.features import CallView, InputView, Projection, dynamic_text, input_blocks, input_view
+from slmify.schema import SCHEMA_VERSION, ChatRequest
+
+LLM = "LLM"
+TASK_CACHE_SIZE = 10000
+
+
+@dataclass
+class Router:
+    meta: dict[str, Any]
+    task_proj: Projection
+    turn_proj: Projection
+    coef: np.ndarray
+    intercept: np.ndarray
+
+    def __post_init__(self) -> None:
+        self._embedder: Any = None
+        self._task_cache: dict[str, np.ndarray] = {}
+        self._shared = {k: set(v) for k, v in self.meta["shared_lines"].items()}
+
+    def predict(self, features: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+        """Task id (None: the LLM) and confidence for each row of input features."""
+        logits = features @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        best = probs.argmax(axis=1)
+        conf = probs[np.arange(len(best)), best]
+        classes = self.meta["classes"]
+        labels = [
+            None if classes[b] == LLM or c < self.meta["min_confidence"] else classes[b]
+            for b, c in zip(best, conf, strict=True)
+        ]
+        return labels, conf
+
+    def features(self, views: list[InputView], task_vecs: np.ndarray, turn_vecs: np.ndarray):
+        return input_blocks(
+            views,
+            self.meta["identities"],
+            self.meta["previous_actions"],
+            self.task_proj(task_vecs),
+            self.turn_proj(turn_vecs),
+        )
+
+    def route(self, request: ChatRequest) -> tuple[str | None, float]:
+        """The task this request belongs to (None: send it to the LLM) and the confidence."""
+        view = input_view(request)
+        if view.identity not in self.meta["identities"]:
+            return None, 1.0  # an agent never seen while clustering: no specialist knows it
+        shared = self._shared.get(view.identity, set())
+        view = replace(
+            view,
+            task_text=dynamic_text(view.task_text, shared),
+            turn_text=dynamic_text(view.turn_text, shared),
+        )
+        task_vec = self._task_cache.get(view.task_text)
+        fresh = task_vec is None and view.task_text != view.turn_text
+        vecs = self._embed([view.turn_text, view.task_text] if fresh else [view.turn_text])
+        if task_vec is None:
+            task_vec = vecs[-1]
+            if len(self._task_cache) >= TASK_CACHE_SIZE:
+                self._task_cache.clear()
+            self._task_cache[view.task_text] = task_vec
+        labels, conf = self.predict(self.features([view], task_vec[None], vecs[:1]))
+        return labels[0], float(conf[0])
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            from slmify.embed import Embedder
+
+            self._embedder = Embedder(self.meta["embedding_model"], self.meta["max_seq_length"])
+        return self._embedder.encode(texts)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            folder / "router.npz",
+            coef=self.coef,
+            intercept=self.intercept,
+            task_mean=self.task_proj.mean,
+            task_components=self.task_proj.components,
+            turn_mean=self.turn_proj.mean,
+            turn_components=self.turn_proj.components,
+        )
+        (folder / "router.json").write_text(json.dumps(self.meta, indent=1), encoding="utf-8")
+
+
+def load_router(path: str | Path) -> Router:
+    """Load a router saved by `slmify cluster` (its folder, or the router.json in it)."""
+    folder = Path(path)
+    folder = folder.parent if folder.suffix == ".json" else folder
+    meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
+    with np.load(folder / "router.npz") as a:
+        return Router(
+            meta=meta,
+            task_proj=Projection(a["task_mean"], a["task_components"]),
+            turn_proj=Projection(a["turn_mean"], a["turn_components"]),
+            coef=a["coef"],
+            intercept=a["intercept"],
+        )
+
+
+def fit_router(
+    views: list[CallView],
+    task_of: list[str | None],
+    task_vecs: np.ndarray,
+    turn_vecs: np.ndarray,
+    projections: tuple[Projection, Projection],
+    settings: dict[str, Any],
+    holdout_share: float,
+    seed: int,
+) -> Router:
+    """Score on held-out sessions, then refit on all calls.
+
+    `settings` carries what routing needs besides the weights (embedding model and
+    length, shared lines, minimum confidence); the held-out score joins the metadata.
+    """
+    inputs = [v.inputs for v in views]
+    meta = {
+        **settings,
+        "schema_version": SCHEMA_VERSION,
+        "identities": sorted({v.identity for v in inputs}),
+        "previous_actions": sorted({v.previous_action for v in inputs}),
+    }
+    task_proj, turn_proj = projections
+    X = input_blocks(
+        inputs,
+        meta["identities"],
+        meta["previous_actions"],
+        task_proj(task_vecs),
+        turn_proj(turn_vecs),
+    )
+    y = np.array([t or LLM for t in task_of])
+    meta["holdout"] = _holdout(
+        meta, projections, X, y, [v.session for v in views], holdout_share, seed
+    )
+    classes, coef, intercept = _fit_linear(X, y, seed)
+    return Router({**meta, "classes": classes}, task_proj, turn_proj, coef, intercept)
+
+
+def _fit_linear(X: np.ndarray, y: np.ndarray, seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    classes = sorted(set(y.tolist()))
+    if len(classes) == 1:  # one class: the router always answers it
+        return classes, np.zeros((1, X.shape[1]), np.float32), np.zeros(1, np.float32)
+    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(X, y)
+    coef, intercept = model.coef_, model.intercept_
+    if len(classes) == 2:  # sklearn keeps one row for two classes; softmax needs both
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
+    return classes, coef.astype(np.float32), intercept.astype(np.float32)
+
+
+def _holdout(meta, projections, X, y, sessions, share, seed) -> dict[str, Any]:
+    """Accuracy on sessions never seen in fitting, against the clustering's assignment."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    if len(set(sessions)) < 5:
+        return {"accuracy": None, "reason": "fewer than 5 sessions: nothing to hold out"}
+    split = GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed)
+    train, test = next(split.split(X, groups=sessions))
+    classes, coef, intercept = _fit_linear(X[train], y[train], seed)
+    probe = Router({**meta, "classes": classes}, *projections, coef, intercept)
+    predicted, _ = probe.predict(X[test])
+    truth = [None if t == LLM else t for t in y[test]]
+    hits = [p == t for p, t in zip(predicted, truth, strict=True)]
+    routed = [p is not None for p in predicted]
+    return {
+        "accuracy": round(float(np.mean(hits)), 4),
+        "test_calls": len(test),
+        "test_sessions": len({sessions[i] for i in test}),
+        "routed_share": round(float(np.mean(routed)), 4),
+        "accuracy_when_routed": round(
+            float(np.mean([h for h, r in zip(hits, routed, strict=True) if r])), 4
+        )
+        if any(routed)
+        else None,
+    }

@@ -1,0 +1,622 @@
+"""S6 retrain: the whole conversion as one incremental job, `slmify run --config slmify.yaml`.
+
+Runs collect, curate, cluster, train, eval and manifest in order, each only when its
+inputs changed since its last successful run. The inputs' content hashes are recorded in
+WORKSPACE/run/state.json after each stage, so an interrupted run resumes where it stopped
+and a second run with no new data does nothing:
+
+- collect: the sha256 of every source file (files or globs in the config);
+- curate: calls in the store not curated yet (the recording proxy adds calls too);
+- cluster: the training calls (id and content hash) and the cluster settings. When only
+  new calls arrived, the existing router places them in the existing tasks, unless that
+  shows drift (slmify.drift), and only then is everything re-clustered;
+- train: per task, its training calls and the resolved recipe: new calls of one task
+  retrain that task only;
+- eval: per task, the adapter's files, the test split and the eval limit;
+- manifest: the tasks, each task's training result and eval report, and the demotions.
+
+A promoted specialist whose live agreement (shadow answers recorded by `slmify serve`)
+falls below its gate is demoted: the manifest keeps the task on the LLM until it is
+retrained and evaluated again. The summary says what ran and why, and the drift found;
+`exit_code` is what a CI job branches on (see EXIT_CODES).
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slmify.cluster import ClusterConfig
+from slmify.drift import (
+    Demotion,
+    DriftConfig,
+    RunState,
+    adapter_digest,
+    agreement_finding,
+    assign_to_tasks,
+    eval_inputs,
+    eval_report,
+    file_sha256,
+    gate_regressions,
+    live_scores,
+    load_state,
+    manifest_inputs,
+    read_assignments,
+    route_calls,
+    router_confidence,
+    routing_findings,
+    save_state,
+    task_call_hashes,
+    training_calls,
+)
+from slmify.recipes import DEFAULT_RECIPE, Recipe, describe_errors
+from slmify.router import load_router
+from slmify.schema import DriftFinding, StageOutcome, content_hash
+from slmify.workspace import Workspace
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DEMOTED = 0, 1, 2, 3
+EXIT_CODES = {
+    EXIT_OK: "nothing to do, or every stage ran and no specialist lost its promotion",
+    EXIT_ERROR: "a stage failed (its error is in the summary); the state keeps what finished",
+    EXIT_BAD_INPUT: "bad config: unknown key, bad value, missing source file, unknown recipe",
+    EXIT_DEMOTED: "a specialist was demoted to the LLM, or a promoted task failed the gate",
+}
+
+
+class RunConfigError(ValueError):
+    """A config that cannot be run; the message names the file and the key."""
+
+
+# -- the config ---------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CurateRunConfig(_Section):
+    keep_raw: bool = Field(False, description="Also keep each call's unscrubbed record.")
+
+
+class ClusterRunConfig(_Section):
+    recipe: str = Field("default", description="recipes/cluster/NAME.yaml or a YAML path.")
+    overrides: list[str] = Field(
+        default_factory=list, description="`key=value` overrides, like `slmify cluster --set`."
+    )
+
+
+class TrainRunConfig(_Section):
+    recipe: str = Field(DEFAULT_RECIPE, description="A shipped recipe name or a YAML path.")
+    overrides: list[str] = Field(
+        default_factory=list, description="`key.sub=value` recipe overrides, like --set."
+    )
+
+
+class EvalRunConfig(_Section):
+    limit: int | None = Field(None, ge=1, description="At most N test calls per task.")
+
+
+class RunConfig(_Section):
+    """slmify.yaml: where the logs are, and how each stage runs."""
+
+    sources: list[str] = Field(min_length=1, description="Log files or globs.")
+    curate: CurateRunConfig = Field(default_factory=CurateRunConfig)
+    cluster: ClusterRunConfig = Field(default_factory=ClusterRunConfig)
+    train: TrainRunConfig = Field(default_factory=TrainRunConfig)
+    eval: EvalRunConfig = Field(default_factory=EvalRunConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+
+
+def load_config(path: Path) -> RunConfig:
+    """Read and validate slmify.yaml; RunConfigError names the file and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RunConfigError(f"{path}: cannot read the config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path}: a config is a mapping (sources:, train:, ...)")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise RunConfigError(f"{path}: {describe_errors(e)}") from None
+
+
+def resolve_sources(patterns: list[str], base: Path) -> list[Path]:
+    """Every file the sources name, relative paths from the config's folder, sorted."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        found = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
+        if not found:
+            raise RunConfigError(f"sources: {pattern!r} matches no file (looked in {base})")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def resolve_cluster_recipe(cfg: ClusterRunConfig, base: Path) -> ClusterConfig:
+    """The cluster recipe with its overrides; a YAML path is relative to the config."""
+    from slmify.cluster import ClusterError, load_cluster_config
+
+    name = cfg.recipe
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
+        name = str(base / name)
+    try:
+        return load_cluster_config(name, cfg.overrides)
+    except ClusterError as e:
+        raise RunConfigError(f"cluster.recipe: {e}") from None
+
+
+def resolve_recipe(cfg: TrainRunConfig, base: Path) -> Recipe:
+    """The recipe with its overrides; a YAML path is relative to the config's folder."""
+    from slmify.recipes import RecipeError, load_recipe
+
+    name = cfg.recipe
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
+        name = str(base / name)
+    try:
+        return load_recipe(name, cfg.overrides)
+    except RecipeError as e:
+        raise RunConfigError(f"train.recipe: {e}") from None
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def run_pipeline(
+    ws: Workspace,
+    config_path: Path,
+    progress: bool = True,
+    announce: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Run every stage whose inputs changed; returns the summary (with `exit_code`).
+
+    Raises RunConfigError for a bad config; a stage's own error is reported in the
+    summary (`failed`, exit code 1) after the stages before it were recorded.
+    """
+    cfg = load_config(config_path)
+    base = config_path.resolve().parent
+    pipeline = Pipeline(
+        ws=ws,
+        cfg=cfg,
+        sources=resolve_sources(cfg.sources, base),
+        cluster_config=resolve_cluster_recipe(cfg.cluster, base),
+        recipe=resolve_recipe(cfg.train, base),
+        state=load_state(ws),
+        progress=progress,
+        announce=announce,
+    )
+    outcomes, findings = pipeline.run()
+    return summarize(ws, config_path, outcomes, findings, pipeline.state)
+
+
+# -- the stages ---------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """One run: the config, the state it updates, and the drift it finds on the way."""
+
+    ws: Workspace
+    cfg: RunConfig
+    sources: list[Path]
+    cluster_config: ClusterConfig
+    recipe: Recipe
+    state: RunState
+    progress: bool = True
+    announce: Callable[[str], None] = lambda line: None
+    findings: list[DriftFinding] = field(default_factory=list)
+
+    def run(self) -> tuple[list[StageOutcome], list[DriftFinding]]:
+        """Every stage in order; stops at the first that fails, recording the ones before."""
+        outcomes: list[StageOutcome] = []
+        stages = [
+            ("collect", self.collect),
+            ("curate", self.curate),
+            ("cluster", self.cluster),
+            ("train", self.train),
+            ("eval", self.evaluate),
+            ("manifest", self.manifest),
+        ]
+        with self.ws.open_store() as store:
+            for name, stage in stages:
+                started = time.perf_counter()
+                try:
+                    outcome = stage(store)
+                except stage_errors() as e:
+                    outcome = StageOutcome(name=name, ran=True, failed=True, reason=str(e))
+                outcome.seconds = round(time.perf_counter() - started, 2)
+                outcomes.append(outcome)
+                verb = "failed" if outcome.failed else "ran" if outcome.ran else "skipped"
+                self.announce(f"{name}: {verb} ({outcome.seconds:.0f} s): {outcome.reason}")
+                if outcome.failed:
+                    break
+                save_state(self.ws, self.state)
+        return outcomes, self.findings
+
+    def collect(self, store: Any) -> StageOutcome:
+        """Import the source files that are new or changed (re-imported ids are no-ops)."""
+        from slmify.collect import import_files
+
+        hashes = {str(p): file_sha256(p) for p in self.sources}
+        changed = [p for p, h in hashes.items() if self.state.sources.get(p) != h]
+        if not changed:
+            return StageOutcome(
+                name="collect", ran=False, reason=f"{len(hashes)} source file(s) unchanged"
+            )
+        summary = import_files(
+            store, [Path(p) for p in changed], self.ws.path("rejects.jsonl"), self.progress
+        )
+        what = [
+            f"{Path(p).name} ({'changed' if p in self.state.sources else 'new'})" for p in changed
+        ]
+        self.state.sources = hashes
+        keys = ("read", "imported", "duplicates", "rejected")
+        return StageOutcome(
+            name="collect",
+            ran=True,
+            reason=f"source file(s) to import: {', '.join(what)}",
+            details={k: summary[k] for k in keys},
+        )
+
+    def curate(self, store: Any) -> StageOutcome:
+        from slmify.curate import curate_store
+
+        pending = store.execute("SELECT COUNT(*) FROM calls WHERE curation IS NULL").fetchone()[0]
+        if not pending:
+            return StageOutcome(name="curate", ran=False, reason="every stored call is curated")
+        summary = curate_store(
+            store, self.ws.path("curation-report.json"), self.cfg.curate.keep_raw, self.progress
+        )
+        keys = ("curated", "scrubbed_calls", "duplicates", "excluded")
+        return StageOutcome(
+            name="curate",
+            ran=True,
+            reason=f"{pending} call(s) not curated yet",
+            details={k: summary[k] for k in keys},
+        )
+
+    def cluster(self, store: Any) -> StageOutcome:
+        """Place new calls in the existing tasks, or re-cluster everything when there is no
+        clustering yet, its settings changed, or the new calls show drift."""
+        from slmify.cluster import cluster_store
+
+        calls = training_calls(store)
+        settings = content_hash(self.cluster_config.model_dump(mode="json"))
+        inputs = content_hash([sorted(calls.items()), settings])
+        if self.state.stages.get("cluster") == inputs and self.has_clustering():
+            return StageOutcome(
+                name="cluster", ran=False, reason=f"{len(calls)} training calls unchanged"
+            )
+        reason, details = self.recluster_reason(store, calls, settings)
+        if reason is None:
+            self.state.stages["cluster"] = inputs
+            return StageOutcome(
+                name="cluster", ran=True, reason=details.pop("reason"), details=details
+            )
+        summary = cluster_store(store, self.ws, self.cluster_config, self.progress)
+        self.state.router_confidence = router_confidence(
+            load_router(self.ws.root / "cluster" / "router"), store, list(calls)
+        )
+        self.state.cluster_settings = settings
+        self.state.stages["cluster"] = inputs
+        keys = ("calls", "tasks", "unassigned", "silhouette")
+        return StageOutcome(
+            name="cluster",
+            ran=True,
+            reason=f"re-clustered: {reason}",
+            details={**{k: summary[k] for k in keys}, **details},
+        )
+
+    def has_clustering(self) -> bool:
+        root = self.ws.root
+        needed = ["cluster/tasks.json", "cluster/router/router.json", "assignments.jsonl"]
+        return all((root / path).exists() for path in needed)
+
+    def recluster_reason(
+        self, store: Any, calls: dict[str, str], settings: str
+    ) -> tuple[str | None, dict[str, Any]]:
+        """Why everything must be re-clustered, or None after placing the new calls in the
+        existing tasks (with what was done)."""
+        if not self.has_clustering():
+            return "no clustering yet", {}
+        if self.state.cluster_settings != settings:
+            return "cluster settings changed", {}
+        assigned = read_assignments(self.ws.root / "assignments.jsonl")
+        gone = len(set(assigned) - set(calls))
+        if gone:
+            return f"{gone} clustered call(s) are no longer training calls", {}
+        new = [c for c in calls if c not in assigned]
+        # Answers a specialist gave while serving are not the LLM's: never training data.
+        answered = [c for c in new if store.get_call(c).record.source.startswith("specialist:")]
+        router = load_router(self.ws.root / "cluster" / "router")
+        routed = route_calls(router, store, [c for c in new if c not in answered])
+        found = routing_findings(routed, assigned, self.state.router_confidence, self.cfg.drift)
+        self.findings += found
+        if found:
+            return "drift: " + "; ".join(sorted({f.kind for f in found})), {}
+        added = assign_to_tasks(self.ws.root, routed, answered)
+        unplaced = len(routed) - sum(added.values())
+        return None, {
+            "reason": f"{len(new)} new call(s) placed in the existing tasks, no drift",
+            "added": added,
+            "unassigned": unplaced + len(answered),
+        }
+
+    def train(self, store: Any) -> StageOutcome:
+        """Train each task whose training calls or recipe changed, or that has no result."""
+        from slmify.train import load_tasks, train_all
+
+        tasks, assignment = load_tasks(self.ws)
+        calls = task_call_hashes(training_calls(store), assignment)
+        recipe_hash = content_hash(self.recipe.model_dump(mode="json"))
+        todo: dict[str, str] = {}
+        for task in tasks:
+            now = {"calls": calls.get(task.id, ""), "recipe": recipe_hash}
+            before = self.state.train.get(task.id)
+            result = self.ws.root / "specialists" / task.id / "result.json"
+            if before is None or not result.exists():
+                todo[task.id] = "no specialist yet"
+            elif before != now:
+                todo[task.id] = (
+                    "its calls changed"
+                    if before["calls"] != now["calls"]
+                    else ("the recipe changed")
+                )
+        # Tasks gone from tasks.json (re-clustered away) are forgotten.
+        self.state.train = {
+            t.id: v for t, v in ((t, self.state.train.get(t.id)) for t in tasks) if v
+        }
+        if not todo:
+            return StageOutcome(
+                name="train", ran=False, reason=f"{len(tasks)} task(s): calls and recipe unchanged"
+            )
+        results = {}
+        for task_id in todo:
+            summary = train_all(self.ws, self.recipe, task_id, progress=self.progress)
+            results[task_id] = summary["tasks"][0]["status"]
+            self.state.train[task_id] = {"calls": calls.get(task_id, ""), "recipe": recipe_hash}
+            save_state(self.ws, self.state)
+        return StageOutcome(
+            name="train",
+            ran=True,
+            reason="; ".join(f"{t}: {why}" for t, why in todo.items()),
+            details={"tasks": results, "unchanged": len(tasks) - len(todo)},
+        )
+
+    def evaluate(self, store: Any) -> StageOutcome:
+        """Evaluate each trained specialist whose adapter, test split or limit changed."""
+        from slmify.evaluate import evaluate_workspace, load_tasks
+
+        todo, trained = [], {}
+        for task in load_tasks(self.ws.root):
+            inputs = eval_inputs(self.ws.root, task.id, self.cfg.eval.limit)
+            if inputs is None:
+                continue
+            trained[task.id] = inputs
+            report = self.ws.root / "eval" / task.id / "report.json"
+            if self.state.eval.get(task.id) != inputs or not report.exists():
+                todo.append(task.id)
+        self.state.eval = {k: v for k, v in self.state.eval.items() if k in trained}
+        if not todo:
+            return StageOutcome(
+                name="eval", ran=False, reason=f"{len(trained)} specialist(s) unchanged"
+            )
+        summary = evaluate_workspace(
+            self.ws.root, store, todo, self.cfg.eval.limit, None, self.progress, self.announce
+        )
+        self.state.eval.update({t: trained[t] for t in todo})
+        return StageOutcome(
+            name="eval",
+            ran=True,
+            reason=f"new or retrained specialist(s): {', '.join(todo)}",
+            details={t["id"]: t["status"] for t in summary["tasks"]},
+        )
+
+    def manifest(self, store: Any) -> StageOutcome:
+        """Check live agreement, then rewrite the manifest if anything it reads changed."""
+        self.check_live_agreement(store)
+        inputs = manifest_inputs(self.ws.root, self.state)
+        path = self.ws.root / "manifest.yaml"
+        if self.state.stages.get("manifest") == inputs and path.exists():
+            return StageOutcome(
+                name="manifest", ran=False, reason="tasks, specialists and evaluations unchanged"
+            )
+        before = manifest_statuses(path)
+        after = write_run_manifest(self.ws.root, store, self.state.demoted)
+        demoted_now = {f.task_id for f in self.findings if f.action == "demote"}
+        self.findings += [
+            f for f in gate_regressions(before, after) if f.task_id not in demoted_now
+        ]
+        self.state.stages["manifest"] = inputs
+        promoted = sum(s.startswith("promoted") for s in after.values())
+        return StageOutcome(
+            name="manifest",
+            ran=True,
+            reason="tasks, specialists or evaluations changed"
+            if path.exists() and before
+            else "no manifest yet",
+            details={"promoted": promoted, "tasks": len(after)},
+        )
+
+    def check_live_agreement(self, store: Any) -> None:
+        """Demote promoted specialists whose live agreement fell below their gate; lift
+        demotions of adapters that have been retrained since."""
+        from slmify.evaluate import load_tasks
+
+        promoted = {}
+        for task in load_tasks(self.ws.root):
+            adapter = adapter_digest(self.ws.root, task.id)
+            demotion = self.state.demoted.get(task.id)
+            if demotion is not None and demotion.adapter != adapter:
+                del self.state.demoted[task.id]
+            elif demotion is not None:
+                continue
+            report = eval_report(self.ws.root, task.id)
+            if report is not None and report.decision.status == "promoted":
+                promoted[task.id] = (report, adapter)
+        if not promoted:
+            return
+        scores = live_scores(store, {t: r.created_at for t, (r, _) in promoted.items()})
+        for task_id, (report, adapter) in promoted.items():
+            threshold = report.decision.threshold or 0.0
+            finding = agreement_finding(task_id, scores[task_id], threshold, self.cfg.drift)
+            if finding is not None:
+                self.findings.append(finding)
+                self.state.demoted[task_id] = Demotion(adapter=adapter, reason=finding.detail)
+
+
+# -- what each stage reads ----------------------------------------------------------------
+
+
+def stage_errors() -> tuple[type[Exception], ...]:
+    """The errors a stage reports about its inputs: the run stops there with exit code 1."""
+    from slmify.cluster import ClusterError
+    from slmify.embed import EmbeddingError
+    from slmify.evaluate import EvalError
+    from slmify.manifest import ManifestError
+    from slmify.models import ModelError
+    from slmify.store import StoreError
+    from slmify.train import TrainError
+
+    return (
+        ClusterError,
+        EmbeddingError,
+        EvalError,
+        ManifestError,
+        ModelError,
+        StoreError,
+        TrainError,
+    )
+
+
+def manifest_statuses(path: Path) -> dict[str, str]:
+    """Task id -> "status: reason" in a manifest.yaml; empty when there is none yet."""
+    from slmify.manifest import ManifestError, read_manifest
+
+    if not path.exists():
+        return {}
+    try:
+        return {t.id: f"{t.status}: {t.reason}" for t in read_manifest(path).tasks}
+    except ManifestError:
+        return {}
+
+
+def write_run_manifest(ws_root: Path, store: Any, demoted: dict[str, Demotion]) -> dict[str, str]:
+    """The manifest as `slmify manifest` writes it, with demoted tasks kept on the LLM."""
+    from slmify.evaluate import load_tasks
+    from slmify.manifest import build_manifest, savings, write_exports, write_manifest
+
+    manifest = build_manifest(ws_root, store)
+    for entry in manifest.tasks:
+        if entry.id in demoted and entry.status == "promoted":
+            entry.status = "llm"
+            entry.reason = f"demoted by slmify run: {demoted[entry.id].reason}"
+    manifest.savings = savings(load_tasks(ws_root), manifest.tasks)
+    manifest.exports = write_exports(manifest, ws_root / "exports")
+    write_manifest(manifest, ws_root / "manifest.yaml")
+    return {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks}
+
+
+def summarize(
+    ws: Workspace,
+    config_path: Path,
+    outcomes: list[StageOutcome],
+    findings: list[DriftFinding],
+    state: RunState,
+) -> dict[str, Any]:
+    """The JSON summary: stages, drift, what is still demoted, the manifest, the exit code."""
+    failed = [o for o in outcomes if o.failed]
+    demoted = any(f.action == "demote" for f in findings)
+    code = EXIT_ERROR if failed else EXIT_DEMOTED if demoted else EXIT_OK
+    ran = [o.name for o in outcomes if o.ran]
+    if failed:
+        message = f"{failed[0].name} failed: {failed[0].reason}"
+    elif not ran:
+        message = "nothing to do: sources, calls, tasks, recipe and specialists are unchanged"
+    else:
+        message = f"ran {', '.join(ran)}; skipped the rest (inputs unchanged)"
+    return {
+        "config": str(config_path),
+        "workspace": str(ws.root),
+        "message": message,
+        "did_work": bool(ran),
+        "stages": [o.model_dump(mode="json") for o in outcomes],
+        "drift": [f.model_dump(mode="json") for f in findings],
+        "demoted": {k: v.reason for k, v in state.demoted.items()},
+        "manifest": manifest_summary(ws),
+        "exit_code": code,
+        "exit_meaning": EXIT_CODES[code],
+    }
+
+
+def manifest_summary(ws: Workspace) -> dict[str, Any] | None:
+    """Per task status and the savings estimate, from manifest.yaml as it now stands."""
+    from slmify.manifest import ManifestError, read_manifest
+
+    path = ws.root / "manifest.yaml"
+    if not path.exists():
+        return None
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as e:
+        return {"path": str(path), "error": str(e)}
+    s = manifest.savings
+    promoted = [t for t in manifest.tasks if t.status == "promoted"]
+    return {
+        "path": str(path),
+        "promoted": f"{len(promoted)} of {len(manifest.tasks)} tasks",
+        "tasks": {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks},
+        "savings": {
+            "specialist_share": s.specialist_share,
+            "specialist_calls": s.specialist_calls,
+            "llm_cost_usd": s.llm_cost_usd,
+            "llm_cost_usd_moved": s.llm_cost_usd_moved,
+            "llm_latency_s_moved": s.llm_latency_s_moved,
+            "prices": s.prices,
+        },
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The human form: one line per stage, the drift, then the manifest and savings."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]slmify run[/bold]: {summary['message']}")
+    for stage in summary["stages"]:
+        mark = "[red]failed[/red]" if stage["failed"] else "ran" if stage["ran"] else "skipped"
+        console.print(f"  {stage['name']:<9} {mark}: {stage['reason']}", highlight=False)
+    for f in summary["drift"]:
+        where = f" {f['task_id']}" if f["task_id"] else ""
+        console.print(
+            f"  [yellow]drift[/yellow] {f['kind']}{where} -> {f['action']}: {f['detail']}"
+        )
+    for task_id, reason in summary["demoted"].items():
+        console.print(f"  [yellow]demoted[/yellow] {task_id}: {reason}", highlight=False)
+    m = summary["manifest"]
+    if m and "error" not in m:
+        console.print(f"[bold]manifest[/bold] {m['path']}: {m['promoted']} promoted")
+        for task_id, status in m["tasks"].items():
+            console.print(f"  {task_id}: {status}", highlight=False)
+        s = m["savings"]
+        latency = (
+            f", {s['llm_latency_s_moved']} s of LLM latency" if s["llm_latency_s_moved"] else ""
+        )
+        console.print(
+            f"[bold]savings[/bold]: {s['specialist_share']:.1%} of calls ({s['specialist_calls']})"
+            f" move to specialists, ${s['llm_cost_usd_moved']:.2f} of ${s['llm_cost_usd']:.2f}"
+            f" LLM cost{latency} (prices: {s['prices']})",
+            highlight=False,
+        )
+    elif m:
+        console.print(f"[red]manifest[/red]: {m['error']}")
+    console.print(f"exit code {summary['exit_code']}: {summary['exit_meaning']}")

@@ -1,0 +1,430 @@
+"""S6 serve: the heterogeneous agent, an OpenAI-compatible router over the manifest.
+
+Reads WORKSPACE/manifest.yaml (the router artifact and its confidence threshold, the
+fallback LLM, the promoted tasks' specialists); writes every call it serves to the store,
+as the recording proxy does, with the route taken in the record's `metadata.route` (a
+`ServedRoute`), so the next cluster / train / eval sees the traffic.
+
+Routes: `POST /v1/chat/completions` (plain or `"stream": true`), `GET /v1/models` (the
+promoted task models and the fallback LLM), `GET /health`; other `/v1/*` requests are
+passed to the upstream LLM unchanged.
+
+A chat call goes to the task the router picks, answered by its specialist (see
+slmify.specialists), or to the upstream LLM when: the manifest has no router, no task
+matches, the router's confidence is below the manifest's threshold, the task is not
+promoted, the request asks for what the specialist was not trained for, or the
+specialist's answer is not valid (the client never sees such an answer). A request whose
+`model` is a promoted task's id goes to that task without asking the router. The response
+headers `x-slmify-route` (the task id, or `llm`) and `x-slmify-reason` say who answered and
+why; the reason starts with a code: routed, pinned, no-router, no-match, low-confidence,
+not-promoted, out-of-scope, invalid-output, specialist-error, router-error, shadow,
+unreadable.
+
+A specialist's answer is validated whole before anything is sent, so a streamed answer
+arrives as SSE chunks only once generated: its time to first token is its full latency.
+
+Shadow mode (`--shadow RATE`): that share of the requests routed to a specialist is
+answered by the LLM as usual, and the specialist answers too, in the background; its
+answer and its agreement with the LLM's (slmify.metrics) are recorded with the call.
+
+Credentials for the upstream: the client's `Authorization` / `api-key` headers are passed
+through; when it sends neither, `SLMIFY_UPSTREAM_API_KEY` is sent as a bearer token. They
+are never logged or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from slmify.collect import _request
+from slmify.evaluate import TextEncoder
+from slmify.metrics import score_answer
+from slmify.proxy import (
+    AGENT_HEADER,
+    MAX_REQUEST_BYTES,
+    SESSION_HEADER,
+    CallWriter,
+    Exchange,
+    Upstream,
+    _serve,
+    exchange_to_record,
+)
+from slmify.schema import ChatRequest, Manifest, ServedRoute, SpecialistAttempt
+from slmify.specialists import (
+    Answer,
+    OutOfScope,
+    SpecialistPool,
+    completion_body,
+    offered_specs,
+    out_of_scope,
+    sse_events,
+)
+from slmify.store import Store, redact_url
+
+log = logging.getLogger(__name__)
+
+ROUTE_HEADER = "x-slmify-route"
+REASON_HEADER = "x-slmify-reason"
+API_KEY_ENV = "SLMIFY_UPSTREAM_API_KEY"
+LLM = "llm"
+
+
+class ServeError(RuntimeError):
+    """A manifest whose router or specialists cannot be loaded; the message says which."""
+
+
+class Router(Protocol):
+    """What `slmify.router.load_router` returns."""
+
+    def route(self, request: ChatRequest) -> tuple[str | None, float]: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one call goes: `task_id` answers it, or the LLM when None."""
+
+    task_id: str | None
+    reason: str
+    picked: str | None = None  # the task the router (or the request's model) chose
+    confidence: float | None = None
+    shadow: bool = False
+
+
+@dataclass
+class Call:
+    """One chat call as received; `payload` and `chat` stay None when it cannot be read."""
+
+    http: web.Request
+    body: bytes
+    started: datetime
+    t0: float
+    payload: dict[str, Any] | None = None
+    chat: ChatRequest | None = None
+
+
+@dataclass
+class Service:
+    """Everything a request needs: the manifest, the router, the specialists, the LLM."""
+
+    manifest: Manifest
+    router: Router | None
+    pool: SpecialistPool
+    upstream: Upstream
+    writer: CallWriter
+    shadow_rate: float = 0.0
+    # Scores shadow answers given in free text; MiniLM is loaded on the first such answer.
+    encoder: TextEncoder = field(default_factory=TextEncoder)
+    answered: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    background: set[asyncio.Task] = field(default_factory=set)
+    # One thread for generation (the pool's lock serializes it anyway) and one for routing,
+    # so queued generations never hold up routing. A single routing thread also keeps the
+    # router's lazy model load and caches single-threaded; the embedding inside still uses
+    # torch's own threads.
+    generator: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-specialist")
+    )
+    routing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-router")
+    )
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def decide(self, request: ChatRequest) -> Decision:
+        """The route of one request (blocking: the router may embed it)."""
+        if request.model in self.pool.tasks:
+            picked, confidence = request.model, None
+            routed = "pinned: the request's model is the task"
+        elif self.router is None or self.manifest.router is None:
+            return Decision(None, "no-router: the manifest has none")
+        else:
+            picked, confidence = self.router.route(request)
+            threshold = self.manifest.router.confidence_threshold
+            if picked is None:
+                return Decision(
+                    None, f"no-match: no task fits ({confidence:.2f})", None, confidence
+                )
+            if confidence < threshold:
+                reason = f"low-confidence: {picked} at {confidence:.2f} < {threshold:.2f}"
+                return Decision(None, reason, picked, confidence)
+            routed = f"routed: confidence {confidence:.2f} >= {threshold:.2f}"
+        if picked not in self.pool.tasks:
+            return Decision(None, f"not-promoted: {picked} stays on the LLM", picked, confidence)
+        if why := out_of_scope(self.pool.tasks[picked], request):
+            return Decision(None, f"out-of-scope: {why}", picked, confidence)
+        if self.shadow_rate and random.random() < self.shadow_rate:
+            reason = f"shadow: sampled at {self.shadow_rate:g}, {picked} answers in the background"
+            return Decision(None, reason, picked, confidence, shadow=True)
+        return Decision(picked, routed, picked, confidence)
+
+    async def generate(self, task_id: str, request: ChatRequest) -> Answer:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.generator, self.pool.answer, task_id, request)
+
+    # -- answering -----------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        call = Call(request, await request.read(), datetime.now(timezone.utc), time.perf_counter())
+        try:
+            call.payload = json.loads(call.body)
+            call.chat = _request(call.payload)
+        except ValueError as e:  # the LLM answers it, with its own error if it is one
+            return await self.ask_llm(call, Decision(None, f"unreadable: {e}"))
+        loop = asyncio.get_running_loop()
+        try:
+            decision = await loop.run_in_executor(self.routing, self.decide, call.chat)
+        except Exception as e:  # noqa: BLE001 - a router failure must not fail the call
+            log.exception("routing failed")
+            decision = Decision(None, f"router-error: {e}")
+        attempt = None
+        if decision.task_id is not None:
+            try:
+                answer = await self.generate(decision.task_id, call.chat)
+            except OutOfScope as e:
+                decision = replace(decision, task_id=None, reason=f"out-of-scope: {e}")
+            except Exception as e:  # noqa: BLE001 - whatever breaks locally, the LLM answers
+                log.exception("specialist %s failed", decision.task_id)
+                decision = replace(decision, task_id=None, reason=f"specialist-error: {e}")
+            else:
+                if answer.problem is None:
+                    return await self.reply(call, decision, answer)
+                attempt = _attempt(answer)
+                reason = f"invalid-output: {answer.problem}"
+                decision = replace(decision, task_id=None, reason=reason)
+        return await self.ask_llm(call, decision, attempt)
+
+    async def reply(self, call: Call, decision: Decision, answer: Answer) -> web.StreamResponse:
+        """Send the specialist's answer (JSON or SSE) and record the call."""
+        completion = completion_body(answer)
+        headers = self.route_headers(answer.task_id, decision.reason)
+        if call.payload.get("stream") is True:
+            usage = (call.payload.get("stream_options") or {}).get("include_usage") is True
+            resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+            await resp.prepare(call.http)
+            for event in sse_events(completion, usage):
+                await resp.write(event)
+            await resp.write_eof()
+        else:
+            resp = web.json_response(completion, headers=headers)
+        route = ServedRoute(
+            answered_by=answer.task_id,
+            reason=decision.reason,
+            task_id=decision.picked,
+            confidence=decision.confidence,
+        )
+        ex = Exchange(
+            source=f"specialist:{answer.task_id}",
+            request_body=call.body,
+            started=call.started,
+            session_id=call.http.headers.get(SESSION_HEADER),
+            agent=call.http.headers.get(AGENT_HEADER),
+            status=200,
+            body=json.dumps(completion).encode(),
+            latency_ms=round((time.perf_counter() - call.t0) * 1000, 3),
+            metadata={"route": route.model_dump(mode="json")},
+        )
+        self.writer.submit(ex)
+        return resp
+
+    async def ask_llm(
+        self, call: Call, decision: Decision, attempt: SpecialistAttempt | None = None
+    ) -> web.StreamResponse:
+        """Forward the call to the upstream LLM and record it (after the shadow, if any)."""
+        body = call.body
+        if call.chat and call.chat.model in self.pool.tasks and self.manifest.fallback.model:
+            # A call pinned to a task model falls back to the LLM under the LLM's name.
+            body = json.dumps({**call.payload, "model": self.manifest.fallback.model}).encode()
+        headers = self.route_headers(LLM, decision.reason)
+        resp, ex = await self.upstream.forward(call.http, body, credentials(call.http), headers)
+        route = ServedRoute(
+            answered_by=LLM,
+            reason=decision.reason,
+            task_id=decision.picked,
+            confidence=decision.confidence,
+            shadow=decision.shadow,
+            specialist=attempt,
+        )
+        if decision.shadow:
+            task = asyncio.create_task(self.shadow(ex, call.chat, route))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+        else:
+            ex.metadata = {"route": route.model_dump(mode="json")}
+            self.writer.submit(ex)
+        return resp
+
+    async def shadow(self, ex: Exchange, chat: ChatRequest, route: ServedRoute) -> None:
+        """The specialist's answer to a call the LLM answered, scored against the LLM's."""
+        task_id = route.task_id
+        try:
+            answer = await self.generate(task_id, chat)
+            attempt = _attempt(answer)
+            llm = exchange_to_record(ex).response
+            if llm is not None:
+                loop = asyncio.get_running_loop()
+                args = (llm.message, answer.message, offered_specs(chat), self.encoder)
+                attempt.score = await loop.run_in_executor(None, score_answer, *args)
+        except Exception as e:  # noqa: BLE001 - the shadow must never lose the call's record
+            log.warning("shadow answer by %s failed: %s", task_id, e)
+            attempt = SpecialistAttempt(
+                task_id=task_id, text="", problem=f"failed: {e}", latency_ms=0.0, output_tokens=0
+            )
+        route.specialist = attempt
+        ex.metadata = {"route": route.model_dump(mode="json")}
+        self.writer.submit(ex)
+
+    def route_headers(self, answered_by: str, reason: str) -> dict[str, str]:
+        """The headers that say who answered and why; counts the route for the summary."""
+        self.answered[answered_by] += 1
+        self.reasons[reason.split(":", 1)[0]] += 1
+        # Header values are latin-1 on the wire; a tool name may not be.
+        safe = reason.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
+        return {ROUTE_HEADER: answered_by, REASON_HEADER: safe}
+
+    # -- the other routes ----------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(self.manifest.created_at.timestamp())
+        ids = [*self.pool.tasks, self.manifest.fallback.model or LLM]
+        data = [{"id": i, "object": "model", "created": created, "owned_by": "slmify"} for i in ids]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "specialists": sorted(self.pool.tasks),
+                "router": self.router is not None,
+                "fallback": self.manifest.fallback.model,
+                "upstream": redact_url(self.upstream.url),
+                "answered": dict(self.answered),
+            }
+        )
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        resp, _ = await self.upstream.forward(request, await request.read(), credentials(request))
+        return resp
+
+    async def drain(self) -> None:
+        """Let background shadow answers finish, so their calls are recorded."""
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
+        self.generator.shutdown(wait=True)
+        self.routing.shutdown(wait=True)
+
+
+def _attempt(answer: Answer) -> SpecialistAttempt:
+    return SpecialistAttempt(
+        task_id=answer.task_id,
+        text=answer.text,
+        problem=answer.problem,
+        latency_ms=answer.latency_ms,
+        output_tokens=answer.output_tokens,
+    )
+
+
+def credentials(request: web.Request) -> dict[str, str]:
+    """SLMIFY_UPSTREAM_API_KEY as a bearer token, for a request that carries no key."""
+    key = os.environ.get(API_KEY_ENV)
+    if not key or "authorization" in request.headers or "api-key" in request.headers:
+        return {}
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+def make_app(service: Service) -> web.Application:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await service.upstream.open()
+        yield
+        await service.drain()
+        await service.upstream.close()
+
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app.router.add_post("/v1/chat/completions", service.chat)
+    app.router.add_get("/v1/models", service.models)
+    app.router.add_get("/health", service.health)
+    app.router.add_route("*", "/v1/{tail:.*}", service.passthrough)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def load_service(
+    manifest_path: Path, store: Store, upstream_url: str, timeout_s: float, shadow_rate: float
+) -> Service:
+    """Read the manifest, load its router and specialists; the writer starts recording."""
+
+    from slmify.evaluate import EvalError
+    from slmify.manifest import ManifestError, read_manifest
+    from slmify.specialists import task_runtimes
+
+    manifest = read_manifest(manifest_path)
+    router = None
+    try:
+        if manifest.router is not None:
+            from slmify.router import load_router
+
+            artifact = Path(manifest.router.artifact)
+            router = load_router(
+                artifact if artifact.is_absolute() else manifest_path.parent / artifact
+            )
+        pool = SpecialistPool(task_runtimes(manifest))
+    except (ManifestError, EvalError, OSError, ValueError) as e:
+        raise ServeError(f"{manifest_path}: cannot load what it names: {e}") from e
+    return Service(
+        manifest=manifest,
+        router=router,
+        pool=pool,
+        upstream=Upstream(upstream_url, timeout_s),
+        writer=CallWriter(store),
+        shadow_rate=shadow_rate,
+    )
+
+
+def run_server(
+    store: Store,
+    manifest_path: Path,
+    upstream_url: str,
+    host: str,
+    port: int,
+    timeout_s: float,
+    shadow_rate: float,
+    announce: Callable[[str], None],
+) -> dict[str, Any]:
+    """Load the manifest's router and specialists and serve until SIGINT/SIGTERM, then
+    finish the shadow answers and flush the writer; returns the summary counts."""
+    service = load_service(manifest_path, store, upstream_url, timeout_s, shadow_rate)
+
+    def listening(listen: str) -> None:
+        announce(
+            f"slmify serve listening on {listen}: {len(service.pool.tasks)} specialist(s), "
+            f"fallback {redact_url(upstream_url)}, recording into {store.location} (Ctrl-C stops)"
+        )
+
+    try:
+        listen = asyncio.run(_serve(make_app(service), host, port, listening))
+    finally:
+        service.writer.close()
+    return {
+        "listen": listen,
+        "upstream": redact_url(upstream_url),
+        "specialists": sorted(service.pool.tasks),
+        "answered_by": dict(service.answered),
+        "reasons": dict(service.reasons),
+        **service.writer.counts,
+    }

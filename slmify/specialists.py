@@ -1,0 +1,319 @@
+"""S6 serve, the local half: the promoted specialists answering requests, and the checks
+that keep each one to what it was trained for.
+
+Reads the manifest's promoted tasks and, beside each adapter (WORKSPACE/specialists/<task
+id>/), the `pruning.json` and `recipe.yaml` the specialist was trained and evaluated with.
+Writes nothing.
+
+Each base model is loaded once (`slmify.evaluate.Specialist`: float weights on the GPU when
+there is one, greedy decoding, the template's end of turn as the stop) and every promoted
+adapter of that base is attached to it by name (peft `load_adapter`); a request switches to
+its task's adapter with `set_adapter`. peft has one active adapter per model, so switching
+and generating happen under one lock. The prompt is built exactly as in training and
+evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
+with `parse_output`.
+
+An answer goes out as an OpenAI `chat.completion` with usage (`completion_body`), or as the
+`chat.completion.chunk` events of a stream (`sse_events`).
+
+Two checks send a request to the LLM instead:
+- `out_of_scope`, before generating: the request asks for what training never showed
+  (other tools than the task's, n>1, logprobs, a response_format on a task that does not
+  answer JSON, no tools for a tool-calling task), or its prompt overflows the context window;
+- `answer_problem`, after: the answer is not valid (a tool call that is not JSON, a tool
+  that was not offered, arguments failing the tool's JSON schema, a tool_choice ignored, no
+  JSON where JSON is expected or JSON failing the response_format schema, an empty answer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmify.datasets import TOOL_CALL_RE, build_prompt, parse_output
+from slmify.metrics import parse_json, schema_valid
+from slmify.schema import (
+    ChatRequest,
+    Manifest,
+    OutputShape,
+    PromptPruning,
+    message_text,
+    message_tool_calls,
+)
+
+
+class OutOfScope(Exception):
+    """A request its specialist cannot answer as trained; the message says why."""
+
+
+@dataclass(frozen=True)
+class TaskRuntime:
+    """What serving needs of one promoted task."""
+
+    id: str
+    output_shape: OutputShape
+    base_path: str
+    adapter: Path
+    pruning: PromptPruning
+    max_new_tokens: int  # the generation cap it was evaluated with
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A specialist's answer, as an OpenAI assistant message, with what it cost."""
+
+    task_id: str
+    text: str
+    message: dict[str, Any]
+    finish_reason: str
+    problem: str | None
+    prompt_tokens: int
+    output_tokens: int
+    latency_ms: float
+
+
+def offered_specs(request: ChatRequest) -> list[dict[str, Any]]:
+    """The function specs a request offers, `tools` or legacy `functions`."""
+    specs = [t["function"] for t in request.tools or [] if isinstance(t, dict) and "function" in t]
+    return specs + list(request.functions or [])
+
+
+def task_runtimes(manifest: Manifest) -> list[TaskRuntime]:
+    """The promoted tasks of a manifest with the files their specialists were trained with."""
+    from slmify.evaluate import read_eval_config
+
+    out = []
+    for task in manifest.tasks:
+        if task.status != "promoted" or task.specialist is None:
+            continue
+        adapter = Path(task.specialist.adapter_path)
+        folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
+        pruning_file = folder / "pruning.json"
+        if not pruning_file.exists():
+            raise FileNotFoundError(
+                f"{pruning_file} not found: task {task.id}'s specialist folder is incomplete"
+            )
+        out.append(
+            TaskRuntime(
+                id=task.id,
+                output_shape=task.output_shape,
+                base_path=task.specialist.base_model_path,
+                adapter=adapter,
+                pruning=PromptPruning.model_validate_json(pruning_file.read_text()),
+                max_new_tokens=read_eval_config(folder / "recipe.yaml").max_new_tokens,
+            )
+        )
+    return out
+
+
+# -- scope and validity -------------------------------------------------------------------
+
+
+def _response_format(request: ChatRequest) -> dict[str, Any]:
+    fmt = request.params.get("response_format")
+    return fmt if isinstance(fmt, dict) else {"type": "text"}
+
+
+def out_of_scope(task: TaskRuntime, request: ChatRequest) -> str | None:
+    """Why `task`'s specialist was not trained for this request; None when it was."""
+    p = request.params
+    if isinstance(p.get("n"), int) and p["n"] > 1:
+        return f"n={p['n']}: a specialist gives one answer"
+    if p.get("logprobs") or p.get("top_logprobs"):
+        return "logprobs requested"
+    fmt = _response_format(request)["type"]
+    if fmt != "text" and task.output_shape != "json":
+        return f"response_format {fmt} asked of a task answered as {task.output_shape}"
+    specs = offered_specs(request)
+    # Other schemas than training's also mean another prompt: pruning applies to those only.
+    if task.pruning.tools is not None and specs != task.pruning.tools:
+        return "the request offers other tools than the task was trained with"
+    if task.output_shape == "tool_call" and not specs:
+        return "no tools offered to a tool-calling task"
+    forbidden = "none" in (p.get("tool_choice"), p.get("function_call"))
+    if task.output_shape == "tool_call" and forbidden:
+        return "tool calls forbidden (tool_choice none) on a tool-calling task"
+    return None
+
+
+def _forced_tool(request: ChatRequest) -> str | None:
+    """`required`, or the function name the request forces, if it forces one."""
+    for choice in (request.params.get("tool_choice"), request.params.get("function_call")):
+        if choice == "required":
+            return choice
+        if isinstance(choice, dict):
+            return (choice.get("function") or choice).get("name")
+    return None
+
+
+def _tool_call_problem(text: str, calls: list[dict[str, Any]], request: ChatRequest) -> str | None:
+    offered = {s.get("name"): s for s in offered_specs(request)}
+    # parse_output leaves a bad block in the content; each block is read again to say why.
+    for raw in TOOL_CALL_RE.findall(text):
+        try:
+            call = json.loads(raw)
+        except json.JSONDecodeError:
+            return f"a tool call is not JSON: {raw[:60]!r}"
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return "a tool call has no name"
+        if call["name"] not in offered:
+            return f"tool {call['name']!r} was not offered"
+    for call in calls:
+        if not schema_valid(call, offered):
+            return f"the arguments of {call['name']} fail its JSON schema"
+    forced = _forced_tool(request)
+    if forced and not calls:
+        return "tool_choice forces a tool call and none was made"
+    if forced not in (None, "required") and any(c["name"] != forced for c in calls):
+        return f"tool_choice forces {forced} and another tool was called"
+    return None
+
+
+def answer_problem(
+    task: TaskRuntime, request: ChatRequest, text: str, message: dict[str, Any]
+) -> str | None:
+    """Why an answer must not reach the client; None when it is valid."""
+    calls = message_tool_calls(message)
+    if problem := _tool_call_problem(text, calls, request):
+        return problem
+    if task.output_shape == "tool_call" and not calls:
+        return "a tool-calling task answered without a tool call"
+    content = message_text(message.get("content")).strip()
+    fmt = _response_format(request)
+    if not calls and (task.output_shape == "json" or fmt["type"] != "text"):
+        value = parse_json(content)
+        if value is None:
+            return "the answer is not JSON"
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if fmt["type"] == "json_schema" and schema:
+            from jsonschema import validators
+
+            error = next(validators.validator_for(schema)(schema).iter_errors(value), None)
+            if error is not None:
+                return f"the JSON fails the response_format schema: {error.message}"
+    if not calls and not content:
+        return "empty answer"
+    return None
+
+
+# -- generation ---------------------------------------------------------------------------
+
+
+def _stop_at(text: str, stop: Any) -> tuple[str, bool]:
+    """`text` cut before the first of the request's stop sequences, and whether it was."""
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _legacy(message: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
+    """The message in the API the request used: `function_call` for legacy `functions`."""
+    if request.tools or not request.functions or not message.get("tool_calls"):
+        return message
+    first = message.pop("tool_calls")[0]  # the legacy API has room for one call
+    return {**message, "function_call": first["function"]}
+
+
+class SpecialistPool:
+    """The promoted specialists: one loaded model per base, one adapter per task."""
+
+    def __init__(self, tasks: list[TaskRuntime]):
+        from slmify.evaluate import Specialist
+
+        self.tasks = {t.id: t for t in tasks}
+        self.lock = threading.Lock()
+        self._models: dict[str, Specialist] = {}
+        self._adapter_name: dict[str, str] = {}
+        for t in tasks:
+            if t.base_path not in self._models:
+                self._models[t.base_path] = Specialist(t.base_path, t.adapter, t.max_new_tokens)
+                self._adapter_name[t.id] = "default"  # PeftModel.from_pretrained's name
+            else:
+                self._models[t.base_path].model.load_adapter(str(t.adapter), adapter_name=t.id)
+                self._adapter_name[t.id] = t.id
+
+    def answer(self, task_id: str, request: ChatRequest) -> Answer:
+        """The task's specialist's answer (blocking; safe from any thread); OutOfScope when
+        the prompt does not fit the base model's context window."""
+        task = self.tasks[task_id]
+        spec = self._models[task.base_path]
+        prompt = build_prompt(spec.tokenizer, request, task.pruning)
+        prompt_tokens = len(spec.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        asked = request.params.get("max_completion_tokens") or request.params.get("max_tokens")
+        cap = min(task.max_new_tokens, asked) if isinstance(asked, int) else task.max_new_tokens
+        window = spec.model.config.max_position_embeddings
+        if prompt_tokens + cap > window:
+            raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
+        t0 = time.perf_counter()
+        with self.lock:
+            spec.model.set_adapter(self._adapter_name[task_id])
+            text, _, tokens = spec.answer(prompt, True, cap)
+        latency_ms = (time.perf_counter() - t0) * 1000  # includes waiting for the lock
+        text, stopped = _stop_at(text, request.params.get("stop"))
+        message = _legacy(parse_output(text, offered_specs(request)), request)
+        if message.get("tool_calls") or message.get("function_call"):
+            finish = "tool_calls" if message.get("tool_calls") else "function_call"
+        else:
+            # Hitting the cap exactly is read as cut off: an end-of-turn token landing on
+            # the last step is rare and only mislabels the finish reason.
+            finish = "length" if tokens >= cap and not stopped else "stop"
+        return Answer(
+            task_id=task_id,
+            text=text,
+            message=message,
+            finish_reason=finish,
+            problem=answer_problem(task, request, text, message),
+            prompt_tokens=prompt_tokens,
+            output_tokens=tokens,
+            latency_ms=round(latency_ms, 3),
+        )
+
+
+# -- the OpenAI shapes --------------------------------------------------------------------
+
+
+def completion_body(answer: Answer) -> dict[str, Any]:
+    """A specialist's answer as an OpenAI `chat.completion` with usage."""
+    return {
+        "id": f"chatcmpl-slmify-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.task_id,
+        "choices": [{"index": 0, "message": answer.message, "finish_reason": answer.finish_reason}],
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.output_tokens,
+            "total_tokens": answer.prompt_tokens + answer.output_tokens,
+        },
+    }
+
+
+def sse_events(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
+    """A whole completion as the `chat.completion.chunk` events OpenAI would stream:
+    the text word by word, each tool call in one chunk, then the finish reason."""
+    base = {k: completion[k] for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+    choice = completion["choices"][0]
+    message = choice["message"]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    chunks = [chunk({"role": "assistant"})]
+    chunks += [
+        chunk({"content": w}) for w in re.findall(r"\s*\S+\s*", message.get("content") or "")
+    ]
+    for i, call in enumerate(message.get("tool_calls") or []):
+        chunks.append(chunk({"tool_calls": [{"index": i, **call}]}))
+    if message.get("function_call"):
+        chunks.append(chunk({"function_call": message["function_call"]}))
+    chunks.append(chunk({}, choice["finish_reason"]))
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": completion["usage"]})
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]

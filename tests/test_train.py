@@ -1,0 +1,335 @@
+"""Datasets and training: splits, pruning, the tool-call convention, LoRA on a tiny model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import dataset
+from typer.testing import CliRunner
+
+from slmify.cli import app
+from slmify.collect import import_files
+from slmify.datasets import build_prompt, build_task_dataset, parse_output, render_assistant
+from slmify.recipes import DatasetConfig
+from slmify.schema import CallRecord, PromptPruning
+from slmify.store import open_store
+from slmify.workspace import Workspace
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_tokenizer(corpus: list[str]) -> Any:
+    """A byte-level BPE trained in memory on the test's own calls, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tau_calls(tmp_path_factory: pytest.TempPathFactory) -> list[CallRecord]:
+    """The first 240 real tau-airline calls (about 20 sessions) in a store."""
+    src = dataset("tau-airline")
+    folder = tmp_path_factory.mktemp("tau")
+    sample = folder / "sample.jsonl"
+    with gzip.open(src, "rt") as f, sample.open("w") as out:
+        out.writelines(line for _, line in zip(range(240), f, strict=False))
+    with open_store(str(folder / "calls.db")) as st:
+        import_files(st, [sample], folder / "rejects.jsonl", progress=False)
+        return [s.record for s in st.iter_calls()]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tau_calls: list[CallRecord], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 16) saved as a local model folder, with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    corpus = [
+        json.dumps(c.request.messages[-3:]) + render_assistant(c.response.message)
+        for c in tau_calls
+    ]
+    tokenizer = _tiny_tokenizer(corpus)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=65536,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_tool_call_convention_round_trips() -> None:
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_user_details", "arguments": '{"user_id":"mia_li_3668"}'},
+            }
+        ],
+    }
+    text = render_assistant(message)
+    call = '{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}'
+    assert text == f"<tool_call>{call}</tool_call>"
+    parsed = parse_output(text + "<|im_end|>", [{"name": "get_user_details"}])
+    assert parsed["content"] == "<|im_end|>"
+    assert parsed["tool_calls"][0]["function"] == {
+        "name": "get_user_details",
+        "arguments": '{"user_id": "mia_li_3668"}',
+    }
+    # A tool that was not offered, or a block that is not JSON, stays text: never executed.
+    unknown = parse_output(
+        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [{"name": "a"}]
+    )
+    assert "tool_calls" not in unknown and "rm_rf" in unknown["content"]
+    assert "tool_calls" not in parse_output("<tool_call>{oops</tool_call>", [])
+
+
+def test_splits_by_session_pruning_recorded(
+    tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = DatasetConfig(validation_fraction=0.2, test_fraction=0.2)
+    rows = build_task_dataset(tau_calls, tokenizer, cfg, tmp_path)
+    sessions = {s: {r["session"] for r in rows[s]} for s in rows}
+    assert sum(len(r) for r in rows.values()) == len(tau_calls)
+    assert not sessions["train"] & sessions["test"]
+    assert not sessions["train"] & sessions["validation"]
+    assert not sessions["validation"] & sessions["test"]
+    assert all(sessions.values())
+    # The shared airline policy and tool schemas are recorded exactly, and left out.
+    pruning = PromptPruning.model_validate_json((tmp_path / "pruning.json").read_text())
+    policy = tau_calls[0].request.messages[0]["content"]
+    assert pruning.system == policy and pruning.tools == tau_calls[0].offered_tools()
+    assert pruning.tools_action == "compact"
+    prompt = rows["train"][0]["prompt"]
+    assert "Airline Agent Policy" not in prompt and '"name": "book_reservation"' in prompt
+    assert "Book a reservation." not in prompt  # descriptions compacted away
+    # A request with another system text keeps it: only the recorded text is dropped.
+    other = tau_calls[0].request.model_copy(deep=True)
+    other.messages[0]["content"] = "Another policy"
+    assert "Another policy" in build_prompt(tokenizer, other, pruning)
+    # Written for eval and serving: the HF dataset and JSONL; the test split is frozen.
+    assert (tmp_path / "dataset" / "hf" / "dataset_dict.json").exists()
+    assert len((tmp_path / "dataset" / "test.jsonl").read_text().splitlines()) == len(rows["test"])
+    test_ids = set(json.loads((tmp_path / "splits.json").read_text())["test"])
+    rows2 = build_task_dataset(tau_calls, tokenizer, DatasetConfig(test_fraction=0.05), tmp_path)
+    assert {r["id"] for r in rows2["test"]} == test_ids
+
+
+def _workspace(tau_calls: list[CallRecord], root: Path) -> Workspace:
+    """A workspace whose store holds the calls, assigned to two tasks (one too small)."""
+    ws = Workspace.resolve(root)
+    with ws.open_store() as st:
+        st.add_calls(tau_calls)
+    small = {c.id for c in tau_calls[:10]}
+    tasks = [
+        {
+            "id": "t01-airline",
+            "label": "airline",
+            "output_shape": "tool_call",
+            "calls": len(tau_calls) - 10,
+            "share": 0.9,
+        },
+        {"id": "t02-small", "label": "small", "output_shape": "text", "calls": 10, "share": 0.1},
+    ]
+    ws.path("cluster", "tasks.json").write_text(json.dumps({"schema_version": 1, "tasks": tasks}))
+    with ws.path("assignments.jsonl").open("w") as f:
+        for c in tau_calls:
+            f.write(
+                json.dumps({"id": c.id, "task": "t02-small" if c.id in small else "t01-airline"})
+                + "\n"
+            )
+    return ws
+
+
+def _tiny_args(model: Path, *extra: str) -> list[str]:
+    sets = [
+        f"model.base={model}",
+        "model.license=apache-2.0",
+        "dataset.max_length=8192",
+        "dataset.validation_fraction=0.2",
+        "dataset.max_train_examples=8",
+        "dataset.prune.tools=drop",
+        "dataset.max_eval_examples=4",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.learning_rate=0.05",
+        "train.save_steps=2",
+        "lora.last_layers=null",
+        "train.dtype=float32",
+        *extra,
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def test_train_cli_changes_adapter_not_base(
+    tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import slmify.train
+
+    ws = _workspace(tau_calls, tmp_path / "ws")
+    seen: list[Any] = []
+    real_load = slmify.train.load_for_training
+    monkeypatch.setattr(
+        slmify.train, "load_for_training", lambda *a: seen.append(real_load(*a)) or seen[-1]
+    )
+    result = CliRunner().invoke(
+        app, ["train", "-w", str(ws.root), "--json", *_tiny_args(tiny_model)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    by_id = {t["id"]: t for t in summary["tasks"]}
+    assert by_id["t02-small"]["status"] == "skipped"
+    assert by_id["t02-small"]["reason"] == "10 calls, fewer than dataset.min_calls=30"
+    trained = by_id["t01-airline"]
+    assert trained["status"] == "trained" and summary["trained"] == 1
+    out = ws.root / "specialists" / "t01-airline"
+    assert Path(trained["adapter"]) == out / "adapter"
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "recipe.yaml").exists()
+    assert not (out / "checkpoints").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["train_tokens"] > 0
+    for key in (
+        "validation_loss",
+        "base_validation_loss",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "wall_s",
+    ):
+        assert metrics[key] > 0
+    # LoRA learned (B starts at zero) and the base weights stayed as they were.
+    peft_model = seen[0]  # get_peft_model injects the LoRA layers into this model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    for name, param in peft_model.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name:
+            assert torch.equal(param, base[key]), name
+
+
+def test_interrupted_training_resumes(
+    tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trl import SFTTrainer
+
+    ws = _workspace(tau_calls, tmp_path / "ws")
+    args = [
+        "train",
+        "-w",
+        str(ws.root),
+        "--json",
+        "--task",
+        "t01-airline",
+        *_tiny_args(tiny_model, "train.max_steps=4"),
+    ]
+    real_step, steps = SFTTrainer.training_step, []
+
+    def crash_at_step_3(self: Any, *a: Any, **kw: Any) -> Any:
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("simulated interruption")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", crash_at_step_3)
+    CliRunner().invoke(app, args)
+    out = ws.root / "specialists" / "t01-airline"
+    assert (out / "checkpoints" / "checkpoint-2").exists()
+    monkeypatch.setattr(SFTTrainer, "training_step", real_step)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
+
+
+def test_missing_cluster_output_is_named(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", "-w", str(tmp_path / "empty"), "--json"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'empty' / 'cluster' / 'tasks.json'} not found" in result.output
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_a_few_steps(tau_calls: list[CallRecord], tmp_path: Path) -> None:
+    ws = _workspace(tau_calls, tmp_path / "ws")
+    # tau prompts are long even pruned: a longer max_length, few and small batches.
+    sets = [
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "dataset.max_length=2048",
+        "dataset.prune.tools=drop",
+        "dataset.max_train_examples=4",
+        "dataset.max_eval_examples=2",
+        "dataset.validation_fraction=0.2",
+        "train.save_steps=2",
+    ]
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "-w",
+            str(ws.root),
+            "--json",
+            "--task",
+            "t01-airline",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    task = json.loads(result.stdout)["tasks"][0]
+    assert task["status"] == "trained", task
+    metrics = task["metrics"]
+    assert metrics["steps"] == 2 and metrics["validation_examples"] == 2
+    assert 0 < metrics["validation_loss"] < 2 * metrics["base_validation_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_on_gpu(tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path) -> None:
+    ws = _workspace(tau_calls, tmp_path / "ws")
+    args = _tiny_args(
+        tiny_model,
+        "quantization.load_in_4bit=true",
+        "train.dtype=bfloat16",
+        "lora.target_modules=[q_proj, v_proj, gate_proj, up_proj, down_proj]",
+    )
+    result = CliRunner().invoke(
+        app, ["train", "-w", str(ws.root), "--json", "--task", "t01-airline", *args]
+    )
+    assert result.exit_code == 0, result.output
+    task = json.loads(result.stdout)["tasks"][0]
+    assert task["status"] == "trained" and task["metrics"]["device"] == "cuda"
