@@ -2,10 +2,12 @@
 
 Prints, for the same calls in the same run:
 1. training tokens/s and peak RSS of `recipes/cpu-smollm2-135m.yaml` (bf16, top-8-layer
-   LoRA, length-grouped batches, max_length 512) and of trl's SFTConfig defaults with
-   peft's LoraConfig defaults (float32, every layer, batch 8, max_length 1024), each in
-   its own process so each peak is its own; the data: fireact calls (real ReAct QA steps);
-2. what prompt pruning saves on tau-airline (one 10k-token policy + 14 tool schemas in
+   LoRA, length-grouped batches, max_length 384) and of trl's SFTConfig defaults with
+   peft's LoraConfig defaults (float32 weights under trl's default bf16 autocast, r=8 on
+   q/v of every layer, batch 8, max_length 1024; only `use_cpu` set, without which they
+   refuse to start), each in its own process so each peak is its own; the data: the same
+   fireact calls (real ReAct QA steps) for both;
+2. what prompt pruning saves on tau-airline (one ~1.3k-token policy + 14 tool schemas in
    every call): prompt tokens per example before and after, per pruning setting.
 
 Run: .venv/bin/python bench/bench_train.py [--steps 2] [--calls 300]
@@ -80,6 +82,7 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
         args = SFTConfig(
             output_dir=str(out / "ckpt"),
             max_steps=steps,
+            use_cpu=True,  # the defaults refuse to start on a machine without a GPU
             report_to="none",
             save_strategy="no",
             disable_tqdm=True,
