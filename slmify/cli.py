@@ -29,13 +29,16 @@ app.add_typer(collect_app, name="collect")
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
-        "--workspace", "-w", help="State folder. Default: $SLMIFY_WORKSPACE, else ./slmify-workspace."
+        "--workspace",
+        "-w",
+        help="State folder. Default: $SLMIFY_WORKSPACE, else ./slmify-workspace.",
     ),
 ]
 StoreOpt = Annotated[
     str | None,
     typer.Option(
-        "--store", help="Call store: a SQLite path or postgresql:// URL. Default: WORKSPACE/calls.db."
+        "--store",
+        help="Call store: a SQLite path or postgresql:// URL. Default: WORKSPACE/calls.db.",
     ),
 ]
 JsonOpt = Annotated[
@@ -54,8 +57,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 @collect_app.command("import")
 def collect_import(
     paths: Annotated[list[Path], typer.Argument(help="Log files (.jsonl, .json, .gz).")],
-    curate: Annotated[bool, typer.Option("--curate", help="Curate the store after importing.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any line is rejected.")] = False,
+    curate: Annotated[
+        bool, typer.Option("--curate", help="Curate the store after importing.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 if any line is rejected.")
+    ] = False,
     workspace: WorkspaceOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,

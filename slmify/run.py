@@ -587,14 +587,12 @@ def manifest_summary(ws: Workspace) -> dict[str, Any] | None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """The human form: one line per stage, the drift, then the manifest and savings."""
+    """The human form: the outcome, the drift, then the manifest and savings (each
+    stage's line was announced as it finished)."""
     from rich.console import Console
 
     console = Console()
     console.print(f"[bold]slmify run[/bold]: {summary['message']}")
-    for stage in summary["stages"]:
-        mark = "[red]failed[/red]" if stage["failed"] else "ran" if stage["ran"] else "skipped"
-        console.print(f"  {stage['name']:<9} {mark}: {stage['reason']}", highlight=False)
     for f in summary["drift"]:
         where = f" {f['task_id']}" if f["task_id"] else ""
         console.print(

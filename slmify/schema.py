@@ -132,9 +132,7 @@ def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(
-            p.get("text", "") if isinstance(p, dict) else str(p) for p in content
-        )
+        return "\n".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
     return str(content)
 
 
