@@ -143,29 +143,30 @@ def resolve_sources(patterns: list[str], base: Path) -> list[Path]:
 
 
 def resolve_cluster_recipe(cfg: ClusterRunConfig, base: Path) -> ClusterConfig:
-    """The cluster recipe with its overrides; a YAML path is relative to the config."""
+    """The cluster recipe with its overrides."""
     from slmify.cluster import ClusterError, load_cluster_config
 
-    name = cfg.recipe
-    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
-        name = str(base / name)
     try:
-        return load_cluster_config(name, cfg.overrides)
+        return load_cluster_config(_relative_recipe(cfg.recipe, base), cfg.overrides)
     except ClusterError as e:
         raise RunConfigError(f"cluster.recipe: {e}") from None
 
 
 def resolve_recipe(cfg: TrainRunConfig, base: Path) -> Recipe:
-    """The recipe with its overrides; a YAML path is relative to the config's folder."""
+    """The training recipe with its overrides."""
     from slmify.recipes import RecipeError, load_recipe
 
-    name = cfg.recipe
-    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
-        name = str(base / name)
     try:
-        return load_recipe(name, cfg.overrides)
+        return load_recipe(_relative_recipe(cfg.recipe, base), cfg.overrides)
     except RecipeError as e:
         raise RunConfigError(f"train.recipe: {e}") from None
+
+
+def _relative_recipe(name: str, base: Path) -> str:
+    """A recipe given as a relative YAML path is read from the config's folder."""
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
+        return str(base / name)
+    return name
 
 
 # -- the run ------------------------------------------------------------------------------
