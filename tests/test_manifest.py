@@ -317,32 +317,6 @@ def test_nothing_promoted_exports_only_the_llm(tmp_path: Path) -> None:
 TASK = "t01-get-reservation-details"
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from slmify.models import resolve_base
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-base")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @cache
 def _reservation_calls() -> list[CallRecord]:
     """The tau-airline calls answered with get_reservation_details (read-only)."""
