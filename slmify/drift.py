@@ -210,23 +210,15 @@ def route_calls(router: Any, store: Any, call_ids: list[str]) -> list[Routed]:
     embedded together through the store's embedding cache, where clustering left the
     vectors of every call it saw, so routing those costs no embedding at all.
     """
-    from dataclasses import replace
-
     from slmify.embed import Embedder, embed_cached
-    from slmify.features import dynamic_text, input_view
 
-    shared = router.meta["shared_lines"]
-    known = set(router.meta["identities"]) | set(shared)
     views, ids, routed = [], [], []
     for call_id in call_ids:
-        view = input_view(store.get_call(call_id).record.request)
-        if view.identity not in known:
-            # An agent never seen while clustering: no specialist knows it (as `route`).
+        view = router.prepare(store.get_call(call_id).record.request)
+        if view is None:
             routed.append(Routed(call_id, None, 1.0))
             continue
-        lines = set(shared.get(view.identity, []))
-        task, turn = dynamic_text(view.task_text, lines), dynamic_text(view.turn_text, lines)
-        views.append(replace(view, task_text=task, turn_text=turn))
+        views.append(view)
         ids.append(call_id)
     if views:
         embedder = Embedder(router.meta["embedding_model"], router.meta["max_seq_length"])

@@ -67,17 +67,24 @@ class Router:
             self.turn_proj(turn_vecs),
         )
 
-    def route(self, request: ChatRequest) -> tuple[str | None, float]:
-        """The task this request belongs to (None: send it to the LLM) and the confidence."""
+    def prepare(self, request: ChatRequest) -> InputView | None:
+        """The request's input view with its agent's shared lines removed, or None for an
+        agent never seen while clustering (no specialist knows it: the LLM answers)."""
         view = input_view(request)
         if view.identity not in self.meta["identities"]:
-            return None, 1.0  # an agent never seen while clustering: no specialist knows it
+            return None
         shared = self._shared.get(view.identity, set())
-        view = replace(
+        return replace(
             view,
             task_text=dynamic_text(view.task_text, shared),
             turn_text=dynamic_text(view.turn_text, shared),
         )
+
+    def route(self, request: ChatRequest) -> tuple[str | None, float]:
+        """The task this request belongs to (None: send it to the LLM) and the confidence."""
+        view = self.prepare(request)
+        if view is None:
+            return None, 1.0
         task_vec = self._task_cache.get(view.task_text)
         fresh = task_vec is None and view.task_text != view.turn_text
         vecs = self._embed([view.turn_text, view.task_text] if fresh else [view.turn_text])
