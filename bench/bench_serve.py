@@ -173,9 +173,9 @@ async def post_all(url: str, bodies: list[dict], concurrency: int) -> tuple[list
 
 
 def bench_router(router: Any, calls: list[dict[str, Any]]) -> None:
-    from slmify.collect import _request
+    from slmify.collect import parse_request
 
-    requests = [_request(c["request"]) for c in calls]
+    requests = [parse_request(c["request"]) for c in calls]
     for r in requests[:10]:  # warm-up: loads MiniLM
         router.route(r)
     times = []
@@ -270,9 +270,9 @@ def main(n: int = 200, k: int = 3) -> None:
 
 def routes(router: Any, call: dict[str, Any]) -> str | None:
     """The task the router sends `call` to with the manifest's threshold, else None."""
-    from slmify.collect import _request
+    from slmify.collect import parse_request
 
-    picked, confidence = router.route(_request(call["request"]))
+    picked, confidence = router.route(parse_request(call["request"]))
     return picked if confidence >= THRESHOLD else None
 
 

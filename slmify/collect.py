@@ -111,7 +111,7 @@ def detect_format(obj: Any) -> str:
 # -- converters: one parsed record -> CallRecord(s) -----------------------------------
 
 
-def _request(req: Any) -> ChatRequest:
+def parse_request(req: Any) -> ChatRequest:
     """A chat-completions request body as `ChatRequest` (the proxy records with it too)."""
     if not isinstance(req, dict):
         raise Reject("`request` is not an object")
@@ -132,7 +132,7 @@ def _request(req: Any) -> ChatRequest:
     )
 
 
-def _response(resp: Any) -> tuple[ChatResponse | None, Usage, str | None]:
+def parse_response(resp: Any) -> tuple[ChatResponse | None, Usage, str | None]:
     """(response, usage, error message) from an OpenAI chat.completion object."""
     if not isinstance(resp, dict):
         raise Reject("record has no `response` object")
@@ -181,14 +181,14 @@ def from_openai_log(obj: dict[str, Any], source: str) -> list[CallRecord]:
     if not isinstance(meta, dict):
         raise Reject("`metadata` is not an object")
     meta = dict(meta)
-    response, usage, error = _response(obj.get("response"))
+    response, usage, error = parse_response(obj.get("response"))
     record = {
         "id": str(obj.get("id") or content_hash(obj)),
         "source": source,
         "timestamp": parse_timestamp(obj.get("timestamp") or meta.pop("timestamp", None)),
         "session_id": meta.pop("session_id", None),
         "agent": meta.pop("agent", None),
-        "request": _request(obj.get("request")),
+        "request": parse_request(obj.get("request")),
         "response": response,
         "usage": usage,
         "latency_ms": obj.get("latency_ms"),
@@ -207,7 +207,7 @@ def from_flywheel(obj: dict[str, Any], source: str) -> list[CallRecord]:
     or a hash of the document."""
     doc_id = obj.get("_id")
     doc = obj["_source"] if isinstance(obj.get("_source"), dict) else obj
-    response, usage, error = _response(doc.get("response"))
+    response, usage, error = parse_response(doc.get("response"))
     extra = {k: v for k, v in doc.items() if k not in ("request", "response", "timestamp")}
     record = {
         "id": str(doc_id or content_hash(doc)),
@@ -215,7 +215,7 @@ def from_flywheel(obj: dict[str, Any], source: str) -> list[CallRecord]:
         "timestamp": parse_timestamp(doc.get("timestamp")),
         "session_id": doc.get("session_id"),
         "agent": doc.get("client_id"),
-        "request": _request(doc.get("request")),
+        "request": parse_request(doc.get("request")),
         "response": response,
         "usage": usage,
         "status": "error" if error else "ok",
@@ -245,7 +245,7 @@ def from_finetune(obj: dict[str, Any], source: str) -> list[CallRecord]:
     record = {
         "id": str(obj.get("id") or content_hash(obj)),
         "source": source,
-        "request": _request({**request, "messages": turns[:-1]}),
+        "request": parse_request({**request, "messages": turns[:-1]}),
         "response": {"message": answer, "finish_reason": finish},
         "metadata": obj.get("metadata") or {},
     }

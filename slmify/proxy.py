@@ -45,7 +45,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from slmify.collect import _request, _response
+from slmify.collect import parse_request, parse_response
 from slmify.schema import CallRecord, ChatResponse, Usage
 from slmify.store import Store, redact_url
 
@@ -307,7 +307,7 @@ def _merge_indexed(acc: list[Any], items: list[Any]) -> None:
 def exchange_to_record(ex: Exchange) -> CallRecord:
     """The `CallRecord` of one exchange; ValueError if the body is not a chat request."""
     try:
-        request = _request(json.loads(ex.request_body))
+        request = parse_request(json.loads(ex.request_body))
     except ValueError as e:
         raise ValueError(f"the request body is not a chat completions request: {e}") from e
     response, usage, error = _answer(ex)
@@ -337,7 +337,7 @@ def _answer(ex: Exchange) -> tuple[ChatResponse | None, Usage, str | None]:
         completion = assemble_stream(parse_sse(ex.body)) if ex.stream else json.loads(ex.body)
         if isinstance(completion, dict) and completion.get("error"):
             return None, Usage(), f"upstream error: {_error_text(completion)}"
-        return _response(completion)
+        return parse_response(completion)
     except (ValueError, TypeError, AttributeError, KeyError) as e:  # a malformed chunk, say
         return None, Usage(), f"unreadable upstream answer: {e}"
 

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from slmify.collect import _request
+from slmify.collect import parse_request
 from slmify.evaluate import TextEncoder
 from slmify.metrics import score_answer
 from slmify.proxy import (
@@ -181,7 +181,7 @@ class Service:
         call = Call(request, await request.read(), datetime.now(timezone.utc), time.perf_counter())
         try:
             call.payload = json.loads(call.body)
-            call.chat = _request(call.payload)
+            call.chat = parse_request(call.payload)
         except ValueError as e:  # the LLM answers it, with its own error if it is one
             return await self.ask_llm(call, Decision(None, f"unreadable: {e}"))
         loop = asyncio.get_running_loop()

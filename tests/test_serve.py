@@ -30,7 +30,7 @@ import pytest
 from conftest import dataset
 from test_proxy import FakeLLM, serving
 
-from slmify.collect import _request
+from slmify.collect import parse_request
 from slmify.datasets import build_prompt
 from slmify.proxy import CallWriter, Upstream, assemble_stream, parse_sse
 from slmify.schema import (
@@ -235,12 +235,12 @@ def test_a_routed_call_is_answered_by_its_specialist(deployment, store):
     completion = json.loads(body)
     assert completion["object"] == "chat.completion" and completion["model"] == TEXT
     [choice] = completion["choices"]
-    expected = deployment.pool.answer(TEXT, _request(call["request"]))
+    expected = deployment.pool.answer(TEXT, parse_request(call["request"]))
     assert choice["message"] == expected.message and choice["message"]["content"]
     assert choice["finish_reason"] in ("stop", "length")
     # The prompt is the one training built: the task's pruning, the model's chat template.
     spec = deployment.pool._models[deployment.pool.tasks[TEXT].base_path]
-    prompt = build_prompt(spec.tokenizer, _request(call["request"]), PromptPruning())
+    prompt = build_prompt(spec.tokenizer, parse_request(call["request"]), PromptPruning())
     usage = completion["usage"]
     assert usage["prompt_tokens"] == len(spec.tokenizer(prompt, add_special_tokens=False).input_ids)
     assert 1 <= usage["completion_tokens"] <= 8
@@ -295,7 +295,7 @@ def test_an_invalid_specialist_answer_is_replaced_by_the_llms(deployment, store)
     call = deployment.tool_calls[0]
     with running(deployment, store) as (url, fake):
         [(status, headers, body)] = post(url, [call["request"]])
-    rejected = deployment.pool.answer(TOOL, _request(call["request"]))
+    rejected = deployment.pool.answer(TOOL, parse_request(call["request"]))
     assert rejected.problem is not None  # random weights never write a valid tool call
     assert status == 200 and headers[ROUTE_HEADER] == "llm"
     assert headers[REASON_HEADER] == f"invalid-output: {rejected.problem}"
@@ -357,7 +357,7 @@ def test_shadow_mode_answers_with_the_llm_and_records_the_agreement(deployment, 
         assert headers[REASON_HEADER] == f"shadow: sampled at 1, {TEXT} answers in the background"
         assert json.loads(body)["choices"] == call["response"]["choices"]
     route = _route(store, call["response"]["id"])  # written once the shadow answer is scored
-    shadow = deployment.pool.answer(TEXT, _request(call["request"]))
+    shadow = deployment.pool.answer(TEXT, parse_request(call["request"]))
     assert route.shadow and route.task_id == TEXT and route.specialist.text == shadow.text
     score = route.specialist.score
     assert score.shape == "text" and not score.agree and 0.0 <= score.score < 0.5
@@ -468,7 +468,7 @@ def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_p
     with open_store(str(tmp_path / "served.db")) as st, serving(fake.app) as up:
         service = load_service(ws.root / "manifest.yaml", st, f"{up}/v1", 10, 0.0)
         try:
-            expected = service.router.route(_request(mine["request"]))
+            expected = service.router.route(parse_request(mine["request"]))
             assert expected[0] == promoted and expected[1] >= THRESHOLD
             with serving(make_app(service)) as url:
                 got = post(url, [mine["request"], tau["request"]])
@@ -486,7 +486,7 @@ def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_p
 def test_adapters_switch_per_task_as_if_each_were_loaded_alone(deployment):
     from slmify.evaluate import Specialist
 
-    request = _request(deployment.fireact[5]["request"])
+    request = parse_request(deployment.fireact[5]["request"])
     # TEXT, TOOL, then TEXT again: switching back gives the first adapter's answer again.
     text, tool, again = (deployment.pool.answer(t, request).text for t in (TEXT, TOOL, TEXT))
     assert text == again and text != tool
@@ -502,7 +502,7 @@ def test_requests_out_of_the_specialists_scope(deployment):
     req = deployment.tool_calls[0]["request"]
 
     def scope(rt: Any, **changes: Any) -> str | None:
-        return out_of_scope(rt, _request({**req, **changes}))
+        return out_of_scope(rt, parse_request({**req, **changes}))
 
     assert scope(tool) is None
     assert scope(tool, tools=req["tools"][:3]) == (
@@ -524,7 +524,7 @@ def test_answers_that_must_not_reach_the_client(deployment):
     from slmify.datasets import parse_output
 
     tool, text = deployment.pool.tasks[TOOL], deployment.pool.tasks[TEXT]
-    req = _request(deployment.tool_calls[0]["request"])
+    req = parse_request(deployment.tool_calls[0]["request"])
 
     def problem(rt: Any, out: str, request: ChatRequest = req) -> str | None:
         return answer_problem(rt, request, out, parse_output(out, _specs(request)))
@@ -547,10 +547,10 @@ def test_answers_that_must_not_reach_the_client(deployment):
         problem(tool, ok, forced)
         == "tool_choice forces cancel_reservation and another tool was called"
     )
-    plain = _request({"messages": [{"role": "user", "content": "hi"}]})
+    plain = parse_request({"messages": [{"role": "user", "content": "hi"}]})
     assert problem(text, "", plain) == "empty answer"
     schema = {"type": "object", "required": ["answer"]}
-    wants_json = _request({"messages": [{"role": "user", "content": "hi"}], "response_format":
+    wants_json = parse_request({"messages": [{"role": "user", "content": "hi"}], "response_format":
                            {"type": "json_schema", "json_schema": {"schema": schema}}})  # fmt: skip
     assert problem(text, "yes", wants_json) == "the answer is not JSON"
     assert problem(text, '{"reply": "yes"}', wants_json) == (
