@@ -100,8 +100,9 @@ class Router:
         if self._embedder is None:
             from slmify.embed import Embedder
 
-            self._embedder = Embedder(self.meta["embedding_model"], self.meta["max_seq_length"])
-        return self._embedder.encode(texts)
+            meta = self.meta
+            self._embedder = Embedder(meta["embedding_model"], meta["max_seq_length"], fast=True)
+        return self._embedder.encode_few(texts)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from slmify.cli import app
 from slmify.cluster import ClusterConfig, ClusterError, cluster_store, load_cluster_config
 from slmify.collect import import_files
+from slmify.embed import Embedder
 from slmify.router import load_router
-from slmify.schema import ChatRequest
+from slmify.schema import ChatRequest, message_text
 from slmify.store import open_store
 from slmify.workspace import Workspace
 
@@ -206,3 +207,14 @@ def test_other_clusterers(algorithm: str, tau: tuple[Workspace, dict], tmp_path:
     assert summary["unassigned_share"] <= 0.25
     tasks = json.loads(Path(summary["tasks_path"]).read_text())["tasks"]
     assert sum(t["calls"] for t in tasks) + summary["unassigned"] == summary["calls"]
+
+
+def test_fast_embedding_keeps_the_vectors(tau: tuple[Workspace, dict]) -> None:
+    """The router's one-pass (bf16 where the CPU has it) vectors match clustering's."""
+    ws, _ = tau
+    with open_store(ws.store_url) as st:
+        calls = [s.record for s in st.iter_calls()][:6]
+    texts = [message_text(c.request.messages[-1].get("content")) for c in calls] + [""]
+    slow, fast = Embedder().encode(texts), Embedder(fast=True).encode_few(texts)
+    assert fast.shape == slow.shape and not fast[-1].any()
+    assert ((slow[:-1] * fast[:-1]).sum(axis=1) > 0.999).all()
