@@ -345,8 +345,9 @@ def serve(
             "--shadow",
             min=0.0,
             max=1.0,
-            help="Share of the calls routed to a specialist that the LLM answers instead, the "
-            "specialist answering in the background; their agreement is recorded.",
+            help="Share of the calls routed to a task with a trained specialist (promoted or "
+            "not) that the LLM answers, the specialist answering in the background; their "
+            "agreement is recorded.",
         ),
     ] = 0.0,
     timeout: Annotated[

@@ -23,9 +23,11 @@ unreadable.
 A specialist's answer is validated whole before anything is sent, so a streamed answer
 arrives as SSE chunks only once generated: its time to first token is its full latency.
 
-Shadow mode (`--shadow RATE`): that share of the requests routed to a specialist is
-answered by the LLM as usual, and the specialist answers too, in the background; its
-answer and its agreement with the LLM's (slmify.metrics) are recorded with the call.
+Shadow mode (`--shadow RATE`): that share of the requests routed to a task with a trained
+specialist is answered by the LLM as usual, and the specialist answers too, in the
+background; its answer and its agreement with the LLM's (slmify.metrics) are recorded with
+the call. That includes the tasks the gate kept on the LLM: shadowing them is how a user
+sees a specialist on live traffic before cutting it over.
 
 Credentials for the upstream: the client's `Authorization` / `api-key` headers are passed
 through; when it sends neither, `SLMIFY_UPSTREAM_API_KEY` is sent as a bearer token. They
@@ -131,6 +133,7 @@ class Service:
     answered: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     background: set[asyncio.Task] = field(default_factory=set)
+    promoted: frozenset[str] = field(init=False)
     # One thread for generation (the pool's lock serializes it anyway) and one for routing,
     # so queued generations never hold up routing. A single routing thread also keeps the
     # router's lazy model load and caches single-threaded; the embedding inside still uses
@@ -142,11 +145,17 @@ class Service:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-router")
     )
 
+    def __post_init__(self) -> None:
+        # The pool also holds unpromoted specialists in shadow mode; only these answer.
+        self.promoted = frozenset(
+            t.id for t in self.manifest.tasks if t.status == "promoted" and t.id in self.pool.tasks
+        )
+
     # -- deciding ------------------------------------------------------------------------
 
     def decide(self, request: ChatRequest) -> Decision:
         """The route of one request (blocking: the router may embed it)."""
-        if request.model in self.pool.tasks:
+        if request.model in self.promoted:
             picked, confidence = request.model, None
             routed = "pinned: the request's model is the task"
         elif self.router is None or self.manifest.router is None:
@@ -162,12 +171,18 @@ class Service:
                 reason = f"low-confidence: {picked} at {confidence:.2f} < {threshold:.2f}"
                 return Decision(None, reason, picked, confidence)
             routed = f"routed: confidence {confidence:.2f} >= {threshold:.2f}"
-        if picked not in self.pool.tasks:
-            return Decision(None, f"not-promoted: {picked} stays on the LLM", picked, confidence)
+        not_promoted = f"not-promoted: {picked} stays on the LLM"
+        sampled = bool(self.shadow_rate) and random.random() < self.shadow_rate
+        if picked not in self.pool.tasks or (picked not in self.promoted and not sampled):
+            return Decision(None, not_promoted, picked, confidence)
         if why := out_of_scope(self.pool.tasks[picked], request):
             return Decision(None, f"out-of-scope: {why}", picked, confidence)
-        if self.shadow_rate and random.random() < self.shadow_rate:
-            reason = f"shadow: sampled at {self.shadow_rate:g}, {picked} answers in the background"
+        if sampled:
+            status = "promoted" if picked in self.promoted else "not promoted"
+            reason = (
+                f"shadow: sampled at {self.shadow_rate:g}, {picked} ({status}) answers in the "
+                "background"
+            )
             return Decision(None, reason, picked, confidence, shadow=True)
         return Decision(picked, routed, picked, confidence)
 
@@ -245,7 +260,7 @@ class Service:
     ) -> web.StreamResponse:
         """Forward the call to the upstream LLM and record it (after the shadow, if any)."""
         body = call.body
-        if call.chat and call.chat.model in self.pool.tasks and self.manifest.fallback.model:
+        if call.chat and call.chat.model in self.promoted and self.manifest.fallback.model:
             # A call pinned to a task model falls back to the LLM under the LLM's name.
             body = json.dumps({**call.payload, "model": self.manifest.fallback.model}).encode()
         headers = self.route_headers(LLM, decision.reason)
@@ -299,7 +314,7 @@ class Service:
 
     async def models(self, request: web.Request) -> web.Response:
         created = int(self.manifest.created_at.timestamp())
-        ids = [*self.pool.tasks, self.manifest.fallback.model or LLM]
+        ids = [*sorted(self.promoted), self.manifest.fallback.model or LLM]
         data = [{"id": i, "object": "model", "created": created, "owned_by": "slmify"} for i in ids]
         return web.json_response({"object": "list", "data": data})
 
@@ -307,7 +322,8 @@ class Service:
         return web.json_response(
             {
                 "status": "ok",
-                "specialists": sorted(self.pool.tasks),
+                "specialists": sorted(self.promoted),
+                "shadowed": sorted(self.pool.tasks) if self.shadow_rate else [],
                 "router": self.router is not None,
                 "fallback": self.manifest.fallback.model,
                 "upstream": redact_url(self.upstream.url),
@@ -383,7 +399,7 @@ def load_service(
             router = load_router(
                 artifact if artifact.is_absolute() else manifest_path.parent / artifact
             )
-        pool = SpecialistPool(task_runtimes(manifest))
+        pool = SpecialistPool(task_runtimes(manifest, unpromoted=shadow_rate > 0))
     except (ManifestError, EvalError, OSError, ValueError) as e:
         raise ServeError(f"{manifest_path}: cannot load what it names: {e}") from e
     return Service(
@@ -412,7 +428,7 @@ def run_server(
 
     def listening(listen: str) -> None:
         announce(
-            f"slmify serve listening on {listen}: {len(service.pool.tasks)} specialist(s), "
+            f"slmify serve listening on {listen}: {len(service.promoted)} specialist(s), "
             f"fallback {redact_url(upstream_url)}, recording into {store.location} (Ctrl-C stops)"
         )
 
@@ -423,7 +439,7 @@ def run_server(
     return {
         "listen": listen,
         "upstream": redact_url(upstream_url),
-        "specialists": sorted(service.pool.tasks),
+        "specialists": sorted(service.promoted),
         "answered_by": dict(service.answered),
         "reasons": dict(service.reasons),
         **service.writer.counts,

@@ -84,13 +84,19 @@ def offered_specs(request: ChatRequest) -> list[dict[str, Any]]:
     return specs + list(request.functions or [])
 
 
-def task_runtimes(manifest: Manifest) -> list[TaskRuntime]:
-    """The promoted tasks of a manifest with the files their specialists were trained with."""
+def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRuntime]:
+    """The promoted tasks of a manifest with the files their specialists were trained with;
+    with `unpromoted`, also the tasks kept on the LLM whose trained adapter is on disk
+    (shadow mode answers them in the background)."""
     from slmify.evaluate import read_eval_config
 
     out = []
     for task in manifest.tasks:
-        if task.status != "promoted" or task.specialist is None:
+        if task.specialist is None:
+            continue
+        if task.status != "promoted" and not (
+            unpromoted and Path(task.specialist.adapter_path).is_dir()
+        ):
             continue
         adapter = Path(task.specialist.adapter_path)
         folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out

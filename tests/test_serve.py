@@ -120,8 +120,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Dep
     tool_pruning = find_pruning(tau_records, PruneConfig())
     assert tool_pruning.tools_action == "compact" and len(tool_pruning.tools) == 14
 
-    def task(task_id: str, shape: str, spec: SpecialistSpec | None) -> ManifestTask:
-        status = "promoted" if spec else "llm"
+    def task(task_id: str, shape: str, spec: SpecialistSpec, status: str) -> ManifestTask:
         return ManifestTask(id=task_id, label=task_id, share=0.3, calls=100, output_shape=shape,
                             status=status, reason="by hand", specialist=spec)  # fmt: skip
 
@@ -132,9 +131,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Dep
         ),  # fmt: skip
         fallback=FallbackLLM(model="gpt-4o", endpoint=None),
         tasks=[
-            task(TEXT, "text", _specialist(root, tiny_base, TEXT, PromptPruning(), 1)),
-            task(TOOL, "tool_call", _specialist(root, tiny_base, TOOL, tool_pruning, 2)),
-            task(REPLY, "text", None),
+            task(TEXT, "text", _specialist(root, tiny_base, TEXT, PromptPruning(), 1), "promoted"),
+            task(
+                TOOL, "tool_call", _specialist(root, tiny_base, TOOL, tool_pruning, 2), "promoted"
+            ),
+            # Kept on the LLM by the gate: it answers only in shadow mode.
+            task(REPLY, "text", _specialist(root, tiny_base, REPLY, PromptPruning(), 3), "llm"),
         ],
         savings=Savings(
             specialist_share=0.6,
@@ -151,7 +153,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Dep
     return Deployment(
         manifest_path=path,
         manifest=manifest,
-        pool=SpecialistPool(task_runtimes(manifest)),
+        pool=SpecialistPool(task_runtimes(manifest, unpromoted=True)),
         fireact=_load("fireact", 12),
         tool_calls=tool_calls,
         replies=replies,
@@ -354,7 +356,8 @@ def test_shadow_mode_answers_with_the_llm_and_records_the_agreement(deployment, 
     with running(deployment, store, shadow=1.0) as (url, fake):
         [(status, headers, body)] = post(url, [call["request"]])
         assert headers[ROUTE_HEADER] == "llm" and len(fake.seen) == 1
-        assert headers[REASON_HEADER] == f"shadow: sampled at 1, {TEXT} answers in the background"
+        reason = f"shadow: sampled at 1, {TEXT} (promoted) answers in the background"
+        assert headers[REASON_HEADER] == reason
         assert json.loads(body)["choices"] == call["response"]["choices"]
     route = _route(store, call["response"]["id"])  # written once the shadow answer is scored
     shadow = deployment.pool.answer(TEXT, parse_request(call["request"]))
@@ -362,6 +365,22 @@ def test_shadow_mode_answers_with_the_llm_and_records_the_agreement(deployment, 
     score = route.specialist.score
     assert score.shape == "text" and not score.agree and 0.0 <= score.score < 0.5
     assert set(score.metrics) == {"cosine", "rouge_l"}
+
+
+def test_shadow_mode_tries_a_specialist_the_gate_kept_on_the_llm(deployment, store):
+    call = deployment.replies[0]
+    with running(deployment, store) as (url, fake):
+        [(_, headers, _)] = post(url, [call["request"]])
+        assert headers[REASON_HEADER] == f"not-promoted: {REPLY} stays on the LLM"
+    with running(deployment, store, shadow=1.0) as (url, fake):
+        [(_, headers, body)] = post(url, [call["request"]])
+        assert headers[ROUTE_HEADER] == "llm"
+        reason = f"shadow: sampled at 1, {REPLY} (not promoted) answers in the background"
+        assert headers[REASON_HEADER] == reason
+        assert json.loads(body)["choices"] == call["response"]["choices"]
+    routes = [s.record.metadata["route"] for s in store.iter_calls()]
+    assert [r["specialist"] is not None for r in routes] == [False, True]
+    assert routes[1]["specialist"]["task_id"] == REPLY and routes[1]["shadow"]
 
 
 def test_upstream_credentials_pass_through_or_come_from_the_environment(
