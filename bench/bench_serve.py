@@ -145,9 +145,11 @@ def build_deployment(root: Path, tasks: list[dict], promoted: str, calls: list[d
     return path
 
 
-def start_server(manifest: Path, upstream: str, ws: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    manifest: Path, upstream: str, ws: Path, extra: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).parent / "slmify"), "serve", "--manifest", str(manifest)]
-    cmd += ["--upstream", f"{upstream}/v1", "--port", "0", "--json", "-w", str(ws)]
+    cmd += ["--upstream", f"{upstream}/v1", "--port", "0", "--json", "-w", str(ws), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in iter(proc.stderr.readline, ""):
         if line.startswith("slmify serve listening on "):

@@ -96,6 +96,10 @@ class Router:
         labels, conf = self.predict(self.features([view], task_vec[None], vecs[:1]))
         return labels[0], float(conf[0])
 
+    def warm_up(self) -> None:
+        """Load the embedding model and run it once: the first request should not wait."""
+        self._embed(["warm-up"])
+
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
             from slmify.embed import Embedder

@@ -94,6 +94,8 @@ class Router(Protocol):
 
     def route(self, request: ChatRequest) -> tuple[str | None, float]: ...
 
+    def warm_up(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -399,6 +401,7 @@ def load_service(
             router = load_router(
                 artifact if artifact.is_absolute() else manifest_path.parent / artifact
             )
+            router.warm_up()
         pool = SpecialistPool(task_runtimes(manifest, unpromoted=shadow_rate > 0))
     except (ManifestError, EvalError, OSError, ValueError) as e:
         raise ServeError(f"{manifest_path}: cannot load what it names: {e}") from e
