@@ -413,7 +413,8 @@ def run(
     1 a stage failed (the summary names it);
     2 bad config (unknown key, bad value), missing source file or unknown recipe;
     3 a specialist was demoted to the LLM, or a promoted task failed the gate."""
-    from slmify.run import EXIT_BAD_INPUT, RunConfigError, print_summary, run_pipeline
+    from slmify.run import EXIT_BAD_INPUT, print_summary, run_pipeline
+    from slmify.runconfig import RunConfigError
     from slmify.store import StoreError
 
     ws = Workspace.resolve(workspace, store)

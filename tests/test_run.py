@@ -31,14 +31,13 @@ from slmify.drift import (
     live_scores,
     routing_findings,
 )
-from slmify.run import (
-    EXIT_BAD_INPUT,
+from slmify.run import EXIT_BAD_INPUT, run_pipeline
+from slmify.runconfig import (
     RunConfigError,
     load_config,
     resolve_cluster_recipe,
     resolve_recipe,
     resolve_sources,
-    run_pipeline,
 )
 from slmify.schema import (
     Agreement,

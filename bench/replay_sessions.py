@@ -14,7 +14,7 @@ latency, and for a specialist's answer (or, with --shadow, its background answer
 agreement with the recorded LLM answer; then the totals, and how many calls the server
 recorded in its own store, each with its route.
 
-    .venv/bin/python bench/bench_serve_session.py WORKSPACE [--sessions 2] [--shadow 1.0]
+    .venv/bin/python bench/replay_sessions.py WORKSPACE [--sessions 2] [--shadow 1.0]
         [--calls ../shared/datasets/fireact/calls.jsonl.gz]
 """
 
