@@ -20,8 +20,9 @@ or 504 with an OpenAI-style error body (an `error` event if the stream had start
 
 The response path parses nothing: it copies bytes and keeps them in an `Exchange`. A
 writer thread turns exchanges into records and inserts them in batches, and is drained on
-shutdown. `Upstream.forward`, `assemble_stream`, `exchange_to_record` and `CallWriter` are
-the pieces a router (`slmify serve`) reuses to forward and record calls the same way.
+shutdown. `Upstream.forward`, `exchange_to_record` and `CallWriter` are the pieces a
+router (`slmify serve`) reuses to forward and record calls the same way; a stream is
+recorded as the message it adds up to (slmify.sse).
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import asyncio
 import json
 import logging
 import queue
-import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -47,6 +47,7 @@ from multidict import CIMultiDict
 
 from slmify.collect import parse_request, parse_response
 from slmify.schema import CallRecord, ChatResponse, Usage
+from slmify.sse import assemble_stream, parse_sse
 from slmify.store import Store, redact_url
 
 log = logging.getLogger(__name__)
@@ -216,89 +217,6 @@ def _error_body(message: str, kind: str) -> bytes:
 def _fail(ex: Exchange, status: int, message: str, kind: str) -> web.Response:
     ex.status, ex.error, ex.body = status, message, _error_body(message, kind)
     return web.Response(status=status, body=ex.body, content_type="application/json")
-
-
-# -- reassembling a stream --------------------------------------------------------------
-
-
-def parse_sse(body: bytes) -> Iterator[dict[str, Any]]:
-    """The JSON payload of each `data:` event of a whole SSE body, `[DONE]` left out."""
-    for block in re.split(r"\r?\n\r?\n", body.decode("utf-8")):
-        data = "\n".join(
-            line[5:].removeprefix(" ") for line in block.splitlines() if line.startswith("data:")
-        )
-        if data and data != "[DONE]":
-            yield json.loads(data)
-
-
-def assemble_stream(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The `chat.completion` a stream of `chat.completion.chunk` objects adds up to.
-
-    Deltas merge as OpenAI's SDK merges them: strings are concatenated (content,
-    `tool_calls[i].function.arguments`), list items are matched by their `index`, and
-    `id`, `type`, `role`, `index` are repeated rather than split, so they are set. An
-    `error` event is kept as `error`; the usage chunk (`stream_options.include_usage`)
-    as `usage`.
-    """
-    completion: dict[str, Any] = {"object": "chat.completion"}
-    choices: dict[int, dict[str, Any]] = {}
-    for chunk in chunks:
-        for key in ("id", "created", "model", "system_fingerprint", "usage", "error"):
-            if chunk.get(key) is not None:
-                completion[key] = chunk[key]
-        for part in chunk.get("choices") or []:
-            i = part.get("index", 0)
-            choice = choices.setdefault(
-                i,
-                {"index": i, "message": {"role": "assistant", "content": None},
-                 "finish_reason": None},
-            )  # fmt: skip
-            _merge(choice["message"], part.get("delta") or {})
-            if part.get("finish_reason") is not None:
-                choice["finish_reason"] = part["finish_reason"]
-    for choice in choices.values():
-        calls = choice["message"].get("tool_calls")
-        if calls:
-            calls.sort(key=lambda c: c.get("index", 0))
-            for call in calls:
-                call.pop("index", None)  # a non-streamed message has no index
-    completion["choices"] = [choices[i] for i in sorted(choices)]
-    return completion
-
-
-SET_KEYS = frozenset({"id", "type", "role", "index"})
-
-
-def _merge(acc: dict[str, Any], delta: dict[str, Any]) -> None:
-    for key, value in delta.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            if not isinstance(acc.get(key), dict):
-                acc[key] = {}
-            _merge(acc[key], value)
-        elif isinstance(value, list):
-            _merge_indexed(acc.setdefault(key, []), value)
-        elif isinstance(value, str) and key not in SET_KEYS and isinstance(acc.get(key), str):
-            acc[key] += value
-        else:
-            acc[key] = value
-
-
-def _merge_indexed(acc: list[Any], items: list[Any]) -> None:
-    """Items with an `index` merge into the item of that index; others are appended."""
-    for item in items:
-        if not isinstance(item, dict):
-            acc.append(item)
-            continue
-        target = None
-        if "index" in item:
-            target = next(
-                (a for a in acc if isinstance(a, dict) and a.get("index") == item["index"]), None
-            )
-        if target is None:
-            acc.append(target := {})
-        _merge(target, item)
 
 
 # -- recording --------------------------------------------------------------------------

@@ -73,8 +73,8 @@ from slmify.specialists import (
     completion_body,
     offered_specs,
     out_of_scope,
-    sse_events,
 )
+from slmify.sse import sse_events
 from slmify.store import Store, redact_url
 
 log = logging.getLogger(__name__)

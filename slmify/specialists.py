@@ -14,7 +14,7 @@ evaluation (`build_prompt` with the task's pruning, the model's chat template) a
 with `parse_output`.
 
 An answer goes out as an OpenAI `chat.completion` with usage (`completion_body`), or as the
-`chat.completion.chunk` events of a stream (`sse_events`).
+`chat.completion.chunk` events of a stream (`slmify.sse.sse_events`).
 
 Two checks send a request to the LLM instead:
 - `out_of_scope`, before generating: the request asks for what training never showed
@@ -28,7 +28,6 @@ Two checks send a request to the LLM instead:
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -298,28 +297,3 @@ def completion_body(answer: Answer) -> dict[str, Any]:
             "total_tokens": answer.prompt_tokens + answer.output_tokens,
         },
     }
-
-
-def sse_events(completion: dict[str, Any], include_usage: bool) -> list[bytes]:
-    """A whole completion as the `chat.completion.chunk` events OpenAI would stream:
-    the text word by word, each tool call in one chunk, then the finish reason."""
-    base = {k: completion[k] for k in ("id", "created", "model")}
-    base["object"] = "chat.completion.chunk"
-    choice = completion["choices"][0]
-    message = choice["message"]
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    chunks = [chunk({"role": "assistant"})]
-    chunks += [
-        chunk({"content": w}) for w in re.findall(r"\s*\S+\s*", message.get("content") or "")
-    ]
-    for i, call in enumerate(message.get("tool_calls") or []):
-        chunks.append(chunk({"tool_calls": [{"index": i, **call}]}))
-    if message.get("function_call"):
-        chunks.append(chunk({"function_call": message["function_call"]}))
-    chunks.append(chunk({}, choice["finish_reason"]))
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": completion["usage"]})
-    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]

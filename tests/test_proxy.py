@@ -29,7 +29,8 @@ from conftest import dataset
 from typer.testing import CliRunner
 
 from slmify.cli import app as cli_app
-from slmify.proxy import CallWriter, Upstream, assemble_stream, make_app, parse_sse
+from slmify.proxy import CallWriter, Upstream, make_app
+from slmify.sse import assemble_stream, parse_sse
 from slmify.store import open_store
 
 SECRET = "sk-test-9f8e7d6c5b4a-DO-NOT-STORE"

@@ -32,7 +32,7 @@ from test_proxy import FakeLLM, serving
 
 from slmify.collect import parse_request
 from slmify.datasets import build_prompt
-from slmify.proxy import CallWriter, Upstream, assemble_stream, parse_sse
+from slmify.proxy import CallWriter, Upstream
 from slmify.schema import (
     ChatRequest,
     FallbackLLM,
@@ -46,6 +46,7 @@ from slmify.schema import (
 )
 from slmify.serve import REASON_HEADER, ROUTE_HEADER, Service, make_app
 from slmify.specialists import SpecialistPool, answer_problem, out_of_scope, task_runtimes
+from slmify.sse import assemble_stream, parse_sse
 from slmify.store import open_store
 
 TEXT, TOOL, REPLY = "t01-react-step", "t02-airline-tool-call", "t03-airline-reply"
