@@ -311,7 +311,8 @@ def evaluate_task(
     out_dir: Path,
     tick: Callable[[], None] = lambda: None,
 ) -> EvalReport:
-    """Answer and score every test call with and without the adapter; gate; write files."""
+    """Answer and score every test call with the adapter (and without, when
+    eval.compare_base); gate; write files."""
     from slmify.datasets import build_prompt
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,9 @@ def evaluate_task(
                 reference=call.response.message,
                 llm_latency_ms=call.latency_ms,
                 specialist=_answer_call(spec, prompt, call, True, encoder, judge),
-                base=_answer_call(spec, prompt, call, False, encoder, judge),
+                base=_answer_call(spec, prompt, call, False, encoder, judge)
+                if trained.cfg.compare_base
+                else None,
             )
             f.write(row.model_dump_json() + "\n")
             rows.append(row)
@@ -338,7 +341,7 @@ def evaluate_task(
         task_id=trained.task.id,
         output_shape=trained.task.output_shape,
         specialist=specialist,
-        base=summarize([r.base for r in rows], cfg),
+        base=summarize([r.base for r in rows], cfg) if cfg.compare_base else None,
         llm_latency_ms_p50=statistics.median(llm_latencies) if llm_latencies else None,
         judge_model=judge.model if judge else None,
         decision=decide(specialist.agreement, trained.task.output_shape, cfg),
@@ -366,7 +369,9 @@ def _test_calls(store: Any, trained: TrainedTask, limit: int | None) -> list[Cal
 def describe(report: EvalReport) -> str:
     """One line per task: both models' agreement with their bounds, and the decision."""
 
-    def figure(m: ModelEval) -> str:
+    def figure(m: ModelEval | None) -> str:
+        if m is None:
+            return "not run"
         a = m.agreement
         return f"{a.mean:.3f} [{a.lower:.3f}, {a.upper:.3f}]"
 
@@ -426,7 +431,9 @@ def evaluate_workspace(
 
 
 def _task_summary(report: EvalReport) -> dict[str, Any]:
-    def bounds(m: ModelEval) -> dict[str, float]:
+    def bounds(m: ModelEval | None) -> dict[str, float] | None:
+        if m is None:
+            return None
         a = m.agreement
         return {"mean": round(a.mean, 4), "lower": round(a.lower, 4), "upper": round(a.upper, 4)}
 

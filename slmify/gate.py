@@ -40,6 +40,11 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(
         256, ge=1, description="Generation cap per test call; too low truncates long answers."
     )
+    compare_base: bool = Field(
+        True,
+        description="Also answer each test call with the base model alone, for comparison; "
+        "false halves eval time. The gate never reads the base model's figures.",
+    )
     seed: int = 0
 
     @field_validator("thresholds")

@@ -251,7 +251,7 @@ class CallEval(BaseModel):
     reference: dict[str, Any] = Field(description="The LLM's assistant message.")
     llm_latency_ms: float | None = None
     specialist: ModelAnswer
-    base: ModelAnswer
+    base: ModelAnswer | None = Field(description="None when eval.compare_base is false.")
 
 
 class Agreement(BaseModel):
@@ -288,7 +288,7 @@ class EvalReport(BaseModel):
     task_id: str
     output_shape: OutputShape
     specialist: ModelEval
-    base: ModelEval
+    base: ModelEval | None = Field(description="None when eval.compare_base is false.")
     llm_latency_ms_p50: float | None = Field(
         default=None, description="The LLM's recorded latency on the same calls, where logged."
     )
@@ -334,8 +334,8 @@ class TaskEvaluation(BaseModel):
     test_calls: int
     agreement: float
     agreement_lower: float
-    base_agreement: float
-    base_agreement_lower: float
+    base_agreement: float | None
+    base_agreement_lower: float | None
     method: Literal["wilson", "bootstrap"]
     confidence: float
     specialist_latency_ms_p50: float | None

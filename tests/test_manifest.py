@@ -555,3 +555,24 @@ def test_judge_reads_yes_no_from_an_openai_compatible_endpoint(
         server.shutdown()
     with pytest.raises(EvalError, match=r"judge http://127\.0\.0\.1:1/v1: "):
         Judge("http://127.0.0.1:1/v1", "judge-1", None).verdict("q", "a", "b")
+
+
+def test_eval_without_the_base_model_comparison(tmp_path: Path, tiny_base: Path) -> None:
+    from slmify.evaluate import evaluate_workspace
+    from slmify.manifest import build_manifest
+    from slmify.store import open_store
+
+    root, _ = _eval_workspace(tmp_path / "ws", tiny_base, n_test=3)
+    recipe = root / "specialists" / TASK / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("6}", "6, compare_base: false}"))
+    lines: list[str] = []
+    with open_store(str(root / "calls.db")) as st:
+        summary = evaluate_workspace(root, st, progress=False, announce=lines.append)
+        manifest = build_manifest(root, st)
+    task = next(t for t in summary["tasks"] if t["id"] == TASK)
+    assert task["base"] is None and task["test_calls"] == 3
+    rows = [CallEval.model_validate_json(x) for x in (root / "eval" / TASK / "calls.jsonl").open()]
+    assert len(rows) == 3 and all(r.base is None for r in rows)
+    assert " base not run " in lines[1]
+    entry = next(t for t in manifest.tasks if t.id == TASK)
+    assert entry.evaluation.base_agreement is None and entry.evaluation.agreement == 0.0
