@@ -9,10 +9,10 @@ second run embeds nothing that did not change. The same tokenizer counts tokens 
 the logs carry no usage (`count_tokens`).
 
 The runtime router embeds one text per request (`Embedder(..., fast=True).encode_few`):
-bfloat16 weights where the CPU computes in bf16 (avx512_bf16/AMX), else float32, and one
-forward pass through the model's own modules without `encode`'s batching. A call is bound
-by reading the weights from memory, so halving their bytes is what makes it fast; the
-vectors keep a cosine above 0.9999 with float32's, and routing decisions do not change
+bfloat16 weights where the CPU computes in bf16 (`slmify.models.inference_dtype`), and one
+forward pass through the model's own modules without `encode`'s batching. A short text is
+bound by reading the weights from memory, so halving their bytes is what makes it fast;
+the vectors keep a cosine above 0.9999 with float32's, and routing decisions do not change
 (`bench/bench_serve.py` prints both).
 """
 
@@ -48,7 +48,6 @@ class Embedder:
     """A sentence-transformers model plus the key its vectors are cached under."""
 
     def __init__(self, name: str = DEFAULT_MODEL, max_seq_length: int = 128, fast: bool = False):
-        import torch
         from sentence_transformers import SentenceTransformer
 
         path = resolve_model(name)
@@ -61,8 +60,10 @@ class Embedder:
             ) from e
         # Truncation changes the vectors, so it is part of the cache key.
         self.model.max_seq_length = max_seq_length
-        if fast and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            self.model.to(torch.bfloat16)
+        if fast:
+            from slmify.models import inference_dtype
+
+            self.model.to(inference_dtype("cpu"))
         self.name = name
         self.cache_key = f"{name}@{max_seq_length}"
         self.dim = int(self.model.get_embedding_dimension())

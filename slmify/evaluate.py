@@ -182,10 +182,12 @@ class Specialist:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from slmify.datasets import turn_end
+        from slmify.models import inference_dtype
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(location)
-        base = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        dtype = inference_dtype(self.device)
+        base = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
         self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.end = turn_end(self.tokenizer)
