@@ -11,8 +11,8 @@ answer, not the specialist's.
 
 Prints, per call: who answered (`x-slmify-route`) and why (`x-slmify-reason`), the
 latency, and for a specialist's answer (or, with --shadow, its background answer) its
-agreement with the recorded LLM answer; then the totals, and how many calls the server
-recorded in its own store, each with its route.
+agreement with the logged LLM answer (slmify.metrics, as `slmify eval` scores it); then
+the totals, and how many calls the server recorded in its own store, each with its route.
 
     .venv/bin/python bench/replay_sessions.py WORKSPACE [--sessions 2] [--shadow 1.0]
         [--calls ../shared/datasets/fireact/calls.jsonl.gz]
@@ -102,13 +102,12 @@ async def replay(url: str, session: list[dict[str, Any]]) -> list[tuple[dict, fl
     return out
 
 
-def served_routes(ws: Path) -> dict[str, dict[str, Any]]:
-    """The route recorded for each served call, by the answered call's request key."""
+def served_records(ws: Path) -> dict[str, Any]:
+    """The record the server wrote for each call, by the call's request key."""
     from slmify.store import open_store
 
     with open_store(str(ws / "calls.db")) as st:
-        records = [s.record for s in st.iter_calls()]
-    return {key(r.request.messages): r.metadata.get("route") for r in records}
+        return {key(s.record.request.messages): s.record for s in st.iter_calls()}
 
 
 def main() -> None:
@@ -137,35 +136,57 @@ def main() -> None:
             server.send_signal(signal.SIGINT)
             out, _ = server.communicate(timeout=600)  # shadow answers finish first
             upstream.terminate()
-        report(results, served_routes(served), json.loads(out))
+        report(results, served_records(served), json.loads(out))
 
 
-def report(results: list[list], routes: dict[str, dict], summary: dict[str, Any]) -> None:
+def specialist_said(call: dict[str, Any], by: str, record: Any, encoder: Any) -> tuple:
+    """What a specialist answered (or would have, in shadow) and its agreement with the
+    logged LLM answer; (None, None) when no specialist answered."""
+    from slmify.collect import parse_request
+    from slmify.metrics import score_answer
+    from slmify.specialists import offered_specs
+
+    attempt = record.metadata["route"].get("specialist")
+    if by != "llm":  # the specialist's answer is the recorded response: score it here
+        message = record.response.message
+        reference = call["response"]["choices"][0]["message"]
+        offered = offered_specs(parse_request(call["request"]))
+        text = message.get("content") or json.dumps(message.get("tool_calls"))
+        return text, score_answer(reference, message, offered, encoder).score
+    if attempt:
+        return attempt["text"], (attempt.get("score") or {}).get("score")
+    return None, None
+
+
+def report(results: list[list], records: dict[str, Any], summary: dict[str, Any]) -> None:
+    from slmify.evaluate import TextEncoder
+
+    encoder = TextEncoder()
     answered: Counter[str] = Counter()
     latency: dict[str, list[float]] = {}
+    scores = []
     for session in results:
         print(f"session {session_of(session[0][0])}: {len(session)} calls")
         for call, ms, headers in session:
             by = headers["x-slmify-route"]
             answered[by] += 1
             latency.setdefault("llm" if by == "llm" else "specialist", []).append(ms)
-            route = routes.get(key(call["request"]["messages"])) or {}
-            attempt = route.get("specialist") or {}
-            score = (attempt.get("score") or {}).get("score")
-            said = f"   agreement {score:.2f}" if score is not None else ""
             print(f"  {call['id']:24s} {by:28s} {ms:8.0f} ms   {headers['x-slmify-reason']}")
-            if attempt:
-                print(f"    specialist said: {attempt['text'][:110]!r}{said}")
+            record = records[key(call["request"]["messages"])]
+            text, score = specialist_said(call, by, record, encoder)
+            if text is not None:
+                said = f"   agreement {score:.2f}" if score is not None else ""
+                print(f"    specialist said: {text[:110]!r}{said}")
+                scores += [] if score is None else [score]
     for who, ms in latency.items():
         print(f"{who}: {len(ms)} calls, latency p50 {percentile(ms, 0.5):.0f} ms")
-    attempts = [(r or {}).get("specialist") or {} for r in routes.values()]
-    scored = [a["score"]["score"] for a in attempts if a.get("score")]
-    if scored:
-        mean = sum(scored) / len(scored)
-        print(f"specialist agreement with the logged LLM: mean {mean:.3f} over {len(scored)} calls")
+    if scores:
+        mean = sum(scores) / len(scores)
+        print(f"specialist agreement with the logged LLM: mean {mean:.3f} over {len(scores)} calls")
+    routed = sum("route" in r.metadata for r in records.values())
     print(
         f"answered by {dict(answered)}; the server recorded {summary['recorded']} of "
-        f"{summary['requests']} calls, {sum(r is not None for r in routes.values())} with a route"
+        f"{summary['requests']} calls, {routed} with a route"
     )
 
 

@@ -136,12 +136,16 @@ class Service:
     reasons: Counter[str] = field(default_factory=Counter)
     background: set[asyncio.Task] = field(default_factory=set)
     promoted: frozenset[str] = field(init=False)
-    # One thread for generation (the pool's lock serializes it anyway) and one for routing,
-    # so queued generations never hold up routing. A single routing thread also keeps the
-    # router's lazy model load and caches single-threaded; the embedding inside still uses
-    # torch's own threads.
+    # One thread for live generation (the pool's lock serializes it anyway), one for shadow
+    # answers and one for routing, so queued generations never hold up routing and queued
+    # shadow answers never hold up a live one: it waits at most for the shadow answer being
+    # generated. A single routing thread also keeps the router's caches single-threaded;
+    # the embedding inside still uses torch's own threads.
     generator: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-specialist")
+    )
+    shadowing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-shadow")
     )
     routing: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-router")
@@ -188,9 +192,10 @@ class Service:
             return Decision(None, reason, picked, confidence, shadow=True)
         return Decision(picked, routed, picked, confidence)
 
-    async def generate(self, task_id: str, request: ChatRequest) -> Answer:
+    async def generate(self, task_id: str, request: ChatRequest, live: bool = True) -> Answer:
+        executor = self.generator if live else self.shadowing
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.generator, self.pool.answer, task_id, request)
+        return await loop.run_in_executor(executor, self.pool.answer, task_id, request)
 
     # -- answering -----------------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class Service:
         """The specialist's answer to a call the LLM answered, scored against the LLM's."""
         task_id = route.task_id
         try:
-            answer = await self.generate(task_id, chat)
+            answer = await self.generate(task_id, chat, live=False)
             attempt = _attempt(answer)
             llm = exchange_to_record(ex).response
             if llm is not None:
@@ -341,8 +346,8 @@ class Service:
         """Let background shadow answers finish, so their calls are recorded."""
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)
-        self.generator.shutdown(wait=True)
-        self.routing.shutdown(wait=True)
+        for executor in (self.generator, self.shadowing, self.routing):
+            executor.shutdown(wait=True)
 
 
 def _attempt(answer: Answer) -> SpecialistAttempt:
