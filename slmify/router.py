@@ -82,19 +82,31 @@ class Router:
 
     def route(self, request: ChatRequest) -> tuple[str | None, float]:
         """The task this request belongs to (None: send it to the LLM) and the confidence."""
-        view = self.prepare(request)
-        if view is None:
-            return None, 1.0
-        task_vec = self._task_cache.get(view.task_text)
-        fresh = task_vec is None and view.task_text != view.turn_text
-        vecs = self._embed([view.turn_text, view.task_text] if fresh else [view.turn_text])
-        if task_vec is None:
-            task_vec = vecs[-1]
-            if len(self._task_cache) >= TASK_CACHE_SIZE:
-                self._task_cache.clear()
-            self._task_cache[view.task_text] = task_vec
-        labels, conf = self.predict(self.features([view], task_vec[None], vecs[:1]))
-        return labels[0], float(conf[0])
+        return self.route_many([request])[0]
+
+    def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]:
+        """`route` for requests that arrived together: one forward pass embeds every text
+        they need. A short text costs reading the model's weights, so a batch costs little
+        more than one request."""
+        views = [self.prepare(r) for r in requests]
+        known = [v for v in views if v is not None]
+        if not known:
+            return [(None, 1.0)] * len(requests)
+        cache = self._task_cache
+        if len(cache) >= TASK_CACHE_SIZE:
+            cache.clear()
+        # A task statement is embedded once per session; one that is also a turn here (the
+        # session's first call) takes that turn's vector.
+        turns = [v.turn_text for v in known]
+        fresh = sorted({v.task_text for v in known} - cache.keys() - set(turns))
+        vecs = self._embed(turns + fresh)
+        turn_vecs = vecs[: len(known)]
+        found = dict(zip(turns + fresh, vecs, strict=True))
+        cache.update({v.task_text: found[v.task_text] for v in known if v.task_text not in cache})
+        task_vecs = np.stack([cache[v.task_text] for v in known])
+        labels, conf = self.predict(self.features(known, task_vecs, turn_vecs))
+        routed = iter(zip(labels, conf.tolist(), strict=True))
+        return [(None, 1.0) if v is None else next(routed) for v in views]
 
     def warm_up(self) -> None:
         """Load the embedding model and run it once: the first request should not wait."""

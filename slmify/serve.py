@@ -9,7 +9,9 @@ Routes: `POST /v1/chat/completions` (plain or `"stream": true`), `GET /v1/models
 promoted task models and the fallback LLM), `GET /health`; other `/v1/*` requests are
 passed to the upstream LLM unchanged.
 
-A chat call goes to the task the router picks, answered by its specialist (see
+Concurrent calls are routed together, in one forward pass of the embedding model
+(`RouteBatcher`, `Router.route_many`). A chat call goes to the task the router picks,
+answered by its specialist (see
 slmify.specialists), or to the upstream LLM when: the manifest has no router, no task
 matches, the router's confidence is below the manifest's threshold, the task is not
 promoted, the request asks for what the specialist was not trained for, or the
@@ -83,6 +85,8 @@ ROUTE_HEADER = "x-slmify-route"
 REASON_HEADER = "x-slmify-reason"
 API_KEY_ENV = "SLMIFY_UPSTREAM_API_KEY"
 LLM = "llm"
+# Requests routed in one forward pass at most: the batch pads to its longest text.
+MAX_ROUTE_BATCH = 32
 
 
 class ServeError(RuntimeError):
@@ -92,9 +96,43 @@ class ServeError(RuntimeError):
 class Router(Protocol):
     """What `slmify.router.load_router` returns."""
 
-    def route(self, request: ChatRequest) -> tuple[str | None, float]: ...
+    def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]: ...
 
     def warm_up(self) -> None: ...
+
+
+class RouteBatcher:
+    """Routes the requests that wait together in one `route_many` call on the routing
+    thread: under concurrent load one forward pass of the embedding model serves a whole
+    batch, and an idle server routes a lone request at once."""
+
+    def __init__(self, router: Router, executor: ThreadPoolExecutor):
+        self.router, self.executor = router, executor
+        self.waiting: list[tuple[ChatRequest, asyncio.Future]] = []
+        self.runner: asyncio.Task | None = None
+
+    async def route(self, request: ChatRequest) -> tuple[str | None, float]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            batch, self.waiting = self.waiting[:MAX_ROUTE_BATCH], self.waiting[MAX_ROUTE_BATCH:]
+            requests = [r for r, _ in batch]
+            try:
+                routes = await loop.run_in_executor(self.executor, self.router.route_many, requests)
+            except Exception as e:  # noqa: BLE001 - each caller decides what a failure means
+                for _, future in batch:
+                    if not future.done():  # done: its client went away
+                        future.set_exception(e)
+                continue
+            for (_, future), route in zip(batch, routes, strict=True):
+                if not future.done():
+                    future.set_result(route)
 
 
 @dataclass(frozen=True)
@@ -136,11 +174,12 @@ class Service:
     reasons: Counter[str] = field(default_factory=Counter)
     background: set[asyncio.Task] = field(default_factory=set)
     promoted: frozenset[str] = field(init=False)
+    batcher: RouteBatcher | None = field(init=False)
     # One thread for live generation (the pool's lock serializes it anyway), one for shadow
-    # answers and one for routing, so queued generations never hold up routing and queued
-    # shadow answers never hold up a live one: it waits at most for the shadow answer being
-    # generated. A single routing thread also keeps the router's caches single-threaded;
-    # the embedding inside still uses torch's own threads.
+    # answers and one for routing (batched), so queued generations never hold up routing
+    # and queued shadow answers never hold up a live one: it waits at most for the shadow
+    # answer being generated. A single routing thread also keeps the router's caches
+    # single-threaded; the embedding inside still uses torch's own threads.
     generator: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="slmify-specialist")
     )
@@ -156,18 +195,19 @@ class Service:
         self.promoted = frozenset(
             t.id for t in self.manifest.tasks if t.status == "promoted" and t.id in self.pool.tasks
         )
+        self.batcher = RouteBatcher(self.router, self.routing) if self.router else None
 
     # -- deciding ------------------------------------------------------------------------
 
-    def decide(self, request: ChatRequest) -> Decision:
-        """The route of one request (blocking: the router may embed it)."""
+    async def decide(self, request: ChatRequest) -> Decision:
+        """The route of one request."""
         if request.model in self.promoted:
             picked, confidence = request.model, None
             routed = "pinned: the request's model is the task"
-        elif self.router is None or self.manifest.router is None:
+        elif self.batcher is None or self.manifest.router is None:
             return Decision(None, "no-router: the manifest has none")
         else:
-            picked, confidence = self.router.route(request)
+            picked, confidence = await self.batcher.route(request)
             threshold = self.manifest.router.confidence_threshold
             if picked is None:
                 return Decision(
@@ -206,9 +246,8 @@ class Service:
             call.chat = parse_request(call.payload)
         except ValueError as e:  # the LLM answers it, with its own error if it is one
             return await self.ask_llm(call, Decision(None, f"unreadable: {e}"))
-        loop = asyncio.get_running_loop()
         try:
-            decision = await loop.run_in_executor(self.routing, self.decide, call.chat)
+            decision = await self.decide(call.chat)
         except Exception as e:  # noqa: BLE001 - a router failure must not fail the call
             log.exception("routing failed")
             decision = Decision(None, f"router-error: {e}")

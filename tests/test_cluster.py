@@ -141,6 +141,10 @@ def test_router_roundtrip(tau: tuple[Workspace, dict]) -> None:
         ]
     )
     assert router.route(stranger) == (None, 1.0)
+    # Routed together (as `slmify serve` batches concurrent calls): the same decisions.
+    together = load_router(summary["router"]).route_many([c.request for c in calls] + [stranger])
+    assert [t for t, _ in together] == [t for t, _ in routed] + [None]
+    assert [c for _, c in together[:-1]] == pytest.approx([c for _, c in routed], abs=0.01)
 
 
 def test_bad_input_gets_a_clear_message_and_writes_nothing(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,8 +76,8 @@ class TableRouter:
     def __init__(self, table: dict[str, tuple[str, float]]):
         self.table = table
 
-    def route(self, request: ChatRequest) -> tuple[str | None, float]:
-        return self.table.get(_key(request.messages), (None, 0.2))
+    def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]:
+        return [self.table.get(_key(r.messages), (None, 0.2)) for r in requests]
 
 
 def _key(messages: list[dict[str, Any]]) -> str:
@@ -280,8 +281,33 @@ def test_calls_no_specialist_should_answer_go_to_the_llm(deployment, store):
 
 
 class BrokenRouter:
-    def route(self, request: ChatRequest) -> tuple[str | None, float]:
+    def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]:
         raise RuntimeError("embedding model missing")
+
+
+class SlowRouter(TableRouter):
+    """A router that takes its time, as embedding does, and notes each batch's size."""
+
+    def __init__(self, table: dict[str, tuple[str, float]]):
+        super().__init__(table)
+        self.batches: list[int] = []
+
+    def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]:
+        time.sleep(0.3)
+        self.batches.append(len(requests))
+        return super().route_many(requests)
+
+
+def test_concurrent_calls_are_routed_in_batches(deployment, store):
+    calls = deployment.replies[:3] + deployment.fireact[-2:]  # not promoted, low, no match
+    router = SlowRouter(_router(deployment).table)
+    with running(deployment, store, router=router) as (url, fake):
+        got = post(url, [c["request"] for c in calls])
+    assert sum(router.batches) == len(calls) and max(router.batches) > 1
+    reasons = [h[REASON_HEADER].split(":")[0] for _, h, _ in got]
+    assert reasons == ["not-promoted"] * 3 + ["low-confidence", "no-match"]
+    for (_, _, body), call in zip(got, calls, strict=True):
+        assert json.loads(body)["choices"] == call["response"]["choices"]
 
 
 def test_a_failing_router_leaves_the_call_to_the_llm(deployment, store):
