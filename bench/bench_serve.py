@@ -146,7 +146,7 @@ def build_deployment(root: Path, tasks: list[dict], promoted: str, calls: list[d
 
 
 def start_server(
-    manifest: Path, upstream: str, ws: Path, extra: list[str] = ()
+    manifest: Path, upstream: str, ws: Path, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     cmd = [str(Path(sys.executable).parent / "slmify"), "serve", "--manifest", str(manifest)]
     cmd += ["--upstream", f"{upstream}/v1", "--port", "0", "--json", "-w", str(ws), *extra]

@@ -128,7 +128,7 @@ def main() -> None:
     direct = f"http://127.0.0.1:{ports.get(timeout=30)}"
     with tempfile.TemporaryDirectory() as tmp:
         served = Path(tmp)
-        extra = ["--shadow", str(args.shadow)] if args.shadow else []
+        extra = ("--shadow", str(args.shadow)) if args.shadow else ()
         server, url = start_server(args.workspace / "manifest.yaml", direct, served, extra)
         try:
             results = [asyncio.run(replay(url, s)) for s in sessions]
