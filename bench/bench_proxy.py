@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -39,6 +40,13 @@ def run_upstream(port_out: multiprocessing.Queue, response: dict) -> None:
         await request.read()
         count += 1
         return web.json_response({**response, "id": f"chatcmpl-bench-{count}"})
+
+    serve_chat(chat, port_out)
+
+
+def serve_chat(chat: Callable, port_out: multiprocessing.Queue) -> None:
+    """Answer POST /v1/chat/completions with `chat` on a free loopback port (put on
+    `port_out`), until the process is stopped."""
 
     async def main() -> None:
         app = web.Application(client_max_size=64 * 2**20)

@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from bench_proxy import percentile
+from bench_proxy import percentile, serve_chat
 from bench_serve import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,16 +60,7 @@ def run_replay(port_out: multiprocessing.Queue, calls: list[dict[str, Any]]) -> 
             return web.json_response({"error": {"message": "not in the logs"}}, status=404)
         return web.json_response(answer)
 
-    async def main() -> None:
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port_out.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    serve_chat(chat, port_out)
 
 
 def held_out_sessions(workspace: Path, calls: list[dict[str, Any]], n: int) -> list[list[dict]]:
