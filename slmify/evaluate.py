@@ -1,4 +1,5 @@
-"""S6 eval: each specialist, and its base model without the adapter, against the LLM.
+"""S6 eval: each specialist, and its base model without the adapter (unless the recipe says
+eval.compare_base: false), against the LLM.
 
 Reads WORKSPACE/cluster/tasks.json (the tasks), WORKSPACE/specialists/<task id>/
 (result.json: adapter and base model; splits.json: the frozen test split; pruning.json
@@ -317,6 +318,7 @@ def evaluate_task(
     eval.compare_base); gate; write files."""
     from slmify.datasets import build_prompt
 
+    cfg = trained.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     calls_file = out_dir / "calls.jsonl"
     rows: list[CallEval] = []
@@ -330,13 +332,12 @@ def evaluate_task(
                 llm_latency_ms=call.latency_ms,
                 specialist=_answer_call(spec, prompt, call, True, encoder, judge),
                 base=_answer_call(spec, prompt, call, False, encoder, judge)
-                if trained.cfg.compare_base
+                if cfg.compare_base
                 else None,
             )
             f.write(row.model_dump_json() + "\n")
             rows.append(row)
             tick()
-    cfg = trained.cfg
     specialist = summarize([r.specialist for r in rows], cfg)
     llm_latencies = [r.llm_latency_ms for r in rows if r.llm_latency_ms is not None]
     report = EvalReport(
