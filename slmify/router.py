@@ -9,14 +9,17 @@ score) and `router.npz` (the projections and the logistic-regression weights). N
 pickle: both files are inspectable and loading runs no code from them.
 
 `load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
-confidence)` for "stay with the LLM". At routing time the work is one MiniLM pass on
-the last turn (the task statement repeats across a session and is cached), a matmul
-and a softmax.
+confidence)` for "stay with the LLM"; `route_many` routes several requests in one pass,
+and `RouteBatcher` gathers the concurrent calls of an asyncio server (`slmify serve`) into
+such batches. At routing time the work is one MiniLM pass on the last turn (the task
+statement repeats across a session and is cached), a matmul and a softmax.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from slmify.schema import SCHEMA_VERSION, ChatRequest
 
 LLM = "LLM"
 TASK_CACHE_SIZE = 10000
+# Requests routed in one forward pass at most: the batch pads to its longest text.
+MAX_ROUTE_BATCH = 32
 
 
 @dataclass
@@ -132,6 +137,40 @@ class Router:
             turn_components=self.turn_proj.components,
         )
         (folder / "router.json").write_text(json.dumps(self.meta, indent=1), encoding="utf-8")
+
+
+class RouteBatcher:
+    """Routes the requests that wait together in one `route_many` call on the routing
+    thread: under concurrent load one forward pass of the embedding model serves a whole
+    batch, and an idle server routes a lone request at once."""
+
+    def __init__(self, router: Router, executor: Executor):
+        self.router, self.executor = router, executor
+        self.waiting: list[tuple[ChatRequest, asyncio.Future]] = []
+        self.runner: asyncio.Task | None = None
+
+    async def route(self, request: ChatRequest) -> tuple[str | None, float]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            batch, self.waiting = self.waiting[:MAX_ROUTE_BATCH], self.waiting[MAX_ROUTE_BATCH:]
+            requests = [r for r, _ in batch]
+            try:
+                routes = await loop.run_in_executor(self.executor, self.router.route_many, requests)
+            except Exception as e:  # noqa: BLE001 - each caller decides what a failure means
+                for _, future in batch:
+                    if not future.done():  # done: its client went away
+                        future.set_exception(e)
+                continue
+            for (_, future), route in zip(batch, routes, strict=True):
+                if not future.done():
+                    future.set_result(route)
 
 
 def load_router(path: str | Path) -> Router:

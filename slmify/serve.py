@@ -10,7 +10,7 @@ promoted task models and the fallback LLM), `GET /health`; other `/v1/*` request
 passed to the upstream LLM unchanged.
 
 Concurrent calls are routed together, in one forward pass of the embedding model
-(`RouteBatcher`, `Router.route_many`). A chat call goes to the task the router picks,
+(`slmify.router.RouteBatcher`). A chat call goes to the task the router picks,
 answered by its specialist (see
 slmify.specialists), or to the upstream LLM when: the manifest has no router, no task
 matches, the router's confidence is below the manifest's threshold, the task is not
@@ -67,6 +67,7 @@ from slmify.proxy import (
     _serve,
     exchange_to_record,
 )
+from slmify.router import RouteBatcher
 from slmify.schema import ChatRequest, Manifest, ServedRoute, SpecialistAttempt
 from slmify.specialists import (
     Answer,
@@ -85,8 +86,6 @@ ROUTE_HEADER = "x-slmify-route"
 REASON_HEADER = "x-slmify-reason"
 API_KEY_ENV = "SLMIFY_UPSTREAM_API_KEY"
 LLM = "llm"
-# Requests routed in one forward pass at most: the batch pads to its longest text.
-MAX_ROUTE_BATCH = 32
 
 
 class ServeError(RuntimeError):
@@ -99,40 +98,6 @@ class Router(Protocol):
     def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]: ...
 
     def warm_up(self) -> None: ...
-
-
-class RouteBatcher:
-    """Routes the requests that wait together in one `route_many` call on the routing
-    thread: under concurrent load one forward pass of the embedding model serves a whole
-    batch, and an idle server routes a lone request at once."""
-
-    def __init__(self, router: Router, executor: ThreadPoolExecutor):
-        self.router, self.executor = router, executor
-        self.waiting: list[tuple[ChatRequest, asyncio.Future]] = []
-        self.runner: asyncio.Task | None = None
-
-    async def route(self, request: ChatRequest) -> tuple[str | None, float]:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((request, future))
-        if self.runner is None or self.runner.done():
-            self.runner = asyncio.create_task(self._run())
-        return await future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.waiting:
-            batch, self.waiting = self.waiting[:MAX_ROUTE_BATCH], self.waiting[MAX_ROUTE_BATCH:]
-            requests = [r for r, _ in batch]
-            try:
-                routes = await loop.run_in_executor(self.executor, self.router.route_many, requests)
-            except Exception as e:  # noqa: BLE001 - each caller decides what a failure means
-                for _, future in batch:
-                    if not future.done():  # done: its client went away
-                        future.set_exception(e)
-                continue
-            for (_, future), route in zip(batch, routes, strict=True):
-                if not future.done():
-                    future.set_result(route)
 
 
 @dataclass(frozen=True)
