@@ -531,6 +531,7 @@ def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_p
 
 def test_adapters_switch_per_task_as_if_each_were_loaded_alone(deployment):
     from slmify.evaluate import Specialist
+    from slmify.models import inference_dtype
 
     request = parse_request(deployment.fireact[5]["request"])
     # TEXT, TOOL, then TEXT again: switching back gives the first adapter's answer again.
@@ -540,6 +541,8 @@ def test_adapters_switch_per_task_as_if_each_were_loaded_alone(deployment):
     rt = deployment.pool.tasks[TOOL]
     alone = Specialist(rt.base_path, rt.adapter, 8)
     assert alone.answer(build_prompt(alone.tokenizer, request, rt.pruning), True)[0] == tool
+    # Generation runs in the device's native half precision where it has one.
+    assert alone.model.get_base_model().dtype == inference_dtype("cpu")
 
 
 def test_requests_out_of_the_specialists_scope(deployment):
