@@ -93,11 +93,9 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
     for task in manifest.tasks:
         if task.specialist is None:
             continue
-        if task.status != "promoted" and not (
-            unpromoted and Path(task.specialist.adapter_path).is_dir()
-        ):
-            continue
         adapter = Path(task.specialist.adapter_path)
+        if task.status != "promoted" and not (unpromoted and adapter.is_dir()):
+            continue
         folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
         pruning_file = folder / "pruning.json"
         if not pruning_file.exists():
