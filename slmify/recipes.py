@@ -14,19 +14,22 @@ validates, so an override of a key that does not exist is refused like a typo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slmify.errors import EXIT_BAD_CONFIG, SlmifyError
 from slmify.gate import EvalConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = "cpu-smollm2-135m"
 
 
-class RecipeError(ValueError):
+class RecipeError(SlmifyError, ValueError):
     """A recipe that cannot be used; the message names the file and the key."""
+
+    exit_code = EXIT_BAD_CONFIG
 
 
 class _Section(BaseModel):
@@ -110,9 +113,16 @@ class QuantizationConfig(_Section):
 
 class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: bfloat16 where the device computes it natively (a CUDA GPU with "
+        "bf16, a CPU with avx512_bf16 or AMX), else float32. bfloat16 asked of a device "
+        "without it trains in float32 and says so.",
+    )
     max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(4, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Examples per step; auto plans it from the machine."
+    )
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

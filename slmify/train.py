@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from slmify.datasets import build_task_dataset, hash_unit
+from slmify.errors import SlmifyError
 from slmify.models import (
     ModelError,
+    TrainPlan,
     describe_base,
     load_for_training,
     pick_device,
+    plan_training,
     resolve_base,
     screen_context,
     screen_model,
@@ -35,7 +38,7 @@ from slmify.schema import CallRecord, SpecialistResult, TaskCluster
 from slmify.workspace import Workspace
 
 
-class TrainError(RuntimeError):
+class TrainError(SlmifyError, RuntimeError):
     """Training inputs that cannot be used; the message names the file and line."""
 
 
@@ -103,10 +106,15 @@ def train_all(
             raise TrainError(f"no task {task_id!r} in {ws.root / 'cluster' / 'tasks.json'}")
     by_task, source = gather_calls(ws, assignment)
     # 1. Locate the base model (materializing an embedded GGUF once) and screen it.
+    import torch
+
     device = pick_device(recipe)
     location = resolve_base(recipe.model.base)
     info = describe_base(recipe.model.base, location, recipe.model.license)
-    refusals = screen_model(info, recipe, device)
+    plan = plan_training(info, recipe, device)
+    if device == "cpu":
+        torch.set_num_threads(plan.threads)
+    refusals = screen_model(info, recipe, plan)
     if refusals:
         raise ModelError("base model refused: " + "; ".join(refusals))
     from transformers import AutoTokenizer
@@ -129,7 +137,7 @@ def train_all(
             out.mkdir(parents=True, exist_ok=True)
             bars.start(task.id)
             result = train_task(
-                task, by_task.get(task.id, []), recipe, info, tokenizer, device, out, bars
+                task, by_task.get(task.id, []), recipe, info, tokenizer, plan, out, bars
             )
             (out / "result.json").write_text(result.model_dump_json(indent=2))
             results.append(result.model_dump(mode="json"))
@@ -138,6 +146,7 @@ def train_all(
         "recipe": recipe.name,
         "base_model": recipe.model.base,
         "device": device,
+        "plan": list(plan.notes),
         "calls": source,
         "trained": sum(r["status"] == "trained" for r in results),
         "skipped": sum(r["status"] == "skipped" for r in results),
@@ -158,7 +167,7 @@ def train_task(
     recipe: Recipe,
     info: Any,
     tokenizer: Any,
-    device: str,
+    plan: TrainPlan,
     out: Path,
     bars: Any = None,
 ) -> SpecialistResult:
@@ -188,7 +197,7 @@ def train_task(
             f"after the split and dataset.max_length={cfg.max_length}: {len(train_ds)} train, "
             f"{len(val_ds)} validation examples ({train_long + val_long} too long)"
         )
-    metrics = _fit(recipe, info, tokenizer, device, out, train_ds, val_ds, bars)
+    metrics = _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars)
     metrics.update(
         calls=len(calls),
         split_calls={s: len(r) for s, r in rows.items()},
@@ -227,14 +236,15 @@ def _tokenized(
     return Dataset.from_list(items), len(rows) - len(fitting)
 
 
-def _fit(recipe, info, tokenizer, device, out, train_ds, val_ds, bars) -> dict[str, Any]:  # noqa: ANN001
+def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str, Any]:  # noqa: ANN001
     """LoRA training with trl's SFTTrainer; base and adapter validation loss, speed, memory."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    model = load_for_training(info.path, recipe, device)
+    device = plan.device
+    model = load_for_training(info.path, recipe, plan)
     if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
@@ -245,7 +255,7 @@ def _fit(recipe, info, tokenizer, device, out, train_ds, val_ds, bars) -> dict[s
     callbacks = [bars.callback()] if bars is not None and bars.enabled else []
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(recipe, ckpt_dir, device),
+        args=sft_config(recipe, ckpt_dir, plan),
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
@@ -280,6 +290,8 @@ def _fit(recipe, info, tokenizer, device, out, train_ds, val_ds, bars) -> dict[s
         "wall_s": wall,
         **peak_memory(device),
         "device": device,
+        "dtype": plan.dtype,
+        "plan": list(plan.notes),
     }
 
 
@@ -310,20 +322,20 @@ def lora_config(recipe: Recipe, model: Any, layers: int) -> Any:
     )
 
 
-def sft_config(recipe: Recipe, output_dir: Path, device: str) -> Any:
+def sft_config(recipe: Recipe, output_dir: Path, plan: TrainPlan) -> Any:
     from trl import SFTConfig
 
-    t = recipe.train
+    t, device = recipe.train, plan.device
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio,  # below 1: a fraction of max_steps
         gradient_checkpointing=t.gradient_checkpointing,
-        bf16=device == "cuda" and (t.dtype == "bfloat16" or recipe.quantization.load_in_4bit),
+        bf16=device == "cuda" and (plan.dtype == "bfloat16" or recipe.quantization.load_in_4bit),
         use_cpu=device == "cpu",
         seed=t.seed,
         logging_steps=t.logging_steps,

@@ -149,6 +149,52 @@ def test_splits_by_session_pruning_recorded(
     assert {r["id"] for r in rows2["test"]} == test_ids
 
 
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import slmify.models as models
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert models.train_dtype("auto", "cpu") == (
+        "float32",
+        "auto: this CPU has no avx512_bf16/AMX: bf16 is emulated, float32 is faster",
+    )
+    assert models.train_dtype("bfloat16", "cpu") == (
+        "float32",
+        "train.dtype=bfloat16 asked, but this CPU does not compute it natively "
+        "(about 40x slower there): training in float32",
+    )
+    assert models.inference_dtype("cpu") == torch.float32
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(models, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert models.train_dtype("auto", "cpu")[0] == "bfloat16"
+        assert models.train_dtype("bfloat16", "cpu") == ("bfloat16", "as the recipe asks")
+        assert models.inference_dtype("cpu") == torch.bfloat16
+    assert models.train_dtype("float32", "cpu") == ("float32", "as the recipe asks")
+
+
+def test_plan_reads_the_machine(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    import slmify.models as models
+    from slmify.recipes import load_recipe
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(models, "usable_cpus", lambda: 2)
+    recipe = load_recipe("cpu-smollm2-135m", [f"model.base={tiny_model}"])
+    info = models.describe_base(str(tiny_model), tiny_model, "apache-2.0")
+    plan = models.plan_training(info, recipe, "cpu")
+    assert (plan.dtype, plan.threads, plan.batch_size) == ("float32", 2, 4)
+    assert plan.notes[1] == "2 threads: the CPUs this process may run on (sched_getaffinity)"
+    assert plan.notes[2].startswith("batch 4: auto, CPU: more updates")
+    # Memory planned for the dtype it will run in: float32 weights take twice bf16's.
+    f32 = models.training_memory_bytes(info, recipe, "float32", 4)
+    assert f32 > models.training_memory_bytes(info, recipe, "bfloat16", 4)
+    # Too little memory for 4 examples a step: the plan halves the batch until it fits.
+    monkeypatch.setattr(
+        models,
+        "available_memory_bytes",
+        lambda d: models.training_memory_bytes(info, recipe, "float32", 2) / 0.8,
+    )
+    assert models.plan_training(info, recipe, "cpu").batch_size == 2
+
+
 def _workspace(tau_calls: list[CallRecord], root: Path) -> Workspace:
     """A workspace whose store holds the calls, assigned to two tasks (one too small)."""
     ws = Workspace.resolve(root)
@@ -200,8 +246,11 @@ def test_train_cli_changes_adapter_not_base(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
+    import slmify.models
     import slmify.train
 
+    # bf16 asked on a CPU without it (AVX2 only): float32, and the summary says so.
+    monkeypatch.setattr(slmify.models, "cpu_flags", lambda: {"avx2", "fma"})
     ws = _workspace(tau_calls, tmp_path / "ws")
     seen: list[Any] = []
     real_load = slmify.train.load_for_training
@@ -209,10 +258,15 @@ def test_train_cli_changes_adapter_not_base(
         slmify.train, "load_for_training", lambda *a: seen.append(real_load(*a)) or seen[-1]
     )
     result = CliRunner().invoke(
-        app, ["train", "-w", str(ws.root), "--json", *_tiny_args(tiny_model)]
+        app,
+        ["train", "-w", str(ws.root), "--json", *_tiny_args(tiny_model, "train.dtype=bfloat16")],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    assert summary["plan"][0] == (
+        "dtype float32: train.dtype=bfloat16 asked, but this CPU does not compute it "
+        "natively (about 40x slower there): training in float32"
+    )
     by_id = {t["id"]: t for t in summary["tasks"]}
     assert by_id["t02-small"]["status"] == "skipped"
     assert by_id["t02-small"]["reason"] == "10 calls, fewer than dataset.min_calls=30"
@@ -224,6 +278,7 @@ def test_train_cli_changes_adapter_not_base(
     assert not (out / "checkpoints").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["train_tokens"] > 0
+    assert metrics["dtype"] == "float32" and seen[0].dtype == torch.float32
     for key in (
         "validation_loss",
         "base_validation_loss",
