@@ -4,6 +4,9 @@ Read top to bottom, this file is the pipeline: collect (S1) and curate (S2), clu
 (S3), train (S4, S5), eval / manifest / serve / run (S6). Each command resolves the
 workspace, calls one library function, and prints its summary (`--json` for scripts
 and CI). Heavy imports stay inside the commands so `slmify --help` is instant.
+
+Any `SlmifyError` a command lets through becomes one line, `error: <message>`, on stderr
+and the error's exit code (1: a stage or its input failed; 2: bad config), no traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +14,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
+from slmify.errors import SlmifyError
 from slmify.workspace import Workspace, emit
 
+
+class Commands(TyperGroup):
+    """The root group: every command runs inside its `invoke`, so one `except` here turns
+    any SlmifyError into one line and its exit code, whichever command raised it."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SlmifyError as e:
+            # Messages that quote a library (psycopg, yaml) can span lines; one line greps.
+            raise fail(" ".join(str(e).split()), e.exit_code) from None
+
+
 app = typer.Typer(
-    help="Turn an LLM-powered agent into a team of small specialist models.",
+    cls=Commands,
+    help="Turn an LLM-powered agent into a team of small specialist models. Exit codes: "
+    "0 done; 1 a stage or its input failed; 2 bad config (recipe, run config); "
+    "`slmify run` adds 3 (see its --help).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -193,16 +215,12 @@ def cluster(
 ) -> None:
     """Discover the agent's recurring task types: WORKSPACE/cluster/ (tasks.json, report.html,
     the runtime router) and WORKSPACE/assignments.jsonl (each call's task, or null: LLM)."""
-    from slmify.cluster import ClusterError, cluster_store, load_cluster_config
-    from slmify.embed import EmbeddingError
+    from slmify.cluster import cluster_store, load_cluster_config
 
     ws = Workspace.resolve(workspace, store)
-    try:
-        config = load_cluster_config(recipe, overrides or [])
-        with ws.open_store() as st:
-            summary = cluster_store(st, ws, config, progress=not as_json)
-    except (ClusterError, EmbeddingError) as e:
-        raise fail(str(e)) from None
+    config = load_cluster_config(recipe, overrides or [])
+    with ws.open_store() as st:
+        summary = cluster_store(st, ws, config, progress=not as_json)
     emit(summary, as_json)
 
 
@@ -230,15 +248,11 @@ def train(
 ) -> None:
     """Train a LoRA specialist per task from the clustered calls: adapters, splits, metrics
     and the resolved recipe under WORKSPACE/specialists/<task id>/."""
-    from slmify.models import ModelError
-    from slmify.recipes import RecipeError, load_recipe
-    from slmify.train import TrainError, train_all
+    from slmify.recipes import load_recipe
+    from slmify.train import train_all
 
     ws = Workspace.resolve(workspace, store)
-    try:
-        summary = train_all(ws, load_recipe(recipe, overrides or []), task, progress=not as_json)
-    except (RecipeError, TrainError, ModelError) as e:
-        raise fail(str(e)) from None
+    summary = train_all(ws, load_recipe(recipe, overrides or []), task, progress=not as_json)
     emit(summary, as_json)
 
 
@@ -277,25 +291,22 @@ def eval_(
     """Score each specialist and its base model against the LLM on the task's frozen test
     split, and gate it: promoted, or kept on the LLM with the reason. Writes
     WORKSPACE/eval/<task id>/calls.jsonl and report.json."""
-    from slmify.evaluate import EvalError, Judge, evaluate_workspace
+    from slmify.evaluate import Judge, evaluate_workspace
 
     if (judge_url is None) != (judge_model is None):
         raise fail("--judge-url and --judge-model go together")
     ws = Workspace.resolve(workspace, store)
     judge = Judge.from_env(judge_url, judge_model) if judge_url and judge_model else None
     with ws.open_store() as st:
-        try:
-            summary = evaluate_workspace(
-                ws.root,
-                st,
-                task,
-                limit,
-                judge,
-                progress=not as_json,
-                announce=(lambda line: None) if as_json else typer.echo,
-            )
-        except EvalError as e:
-            raise fail(str(e)) from None
+        summary = evaluate_workspace(
+            ws.root,
+            st,
+            task,
+            limit,
+            judge,
+            progress=not as_json,
+            announce=(lambda line: None) if as_json else typer.echo,
+        )
     # The per-task lines were printed as each task finished; JSON gets them structured.
     emit(summary if as_json else {k: v for k, v in summary.items() if k != "tasks"}, as_json)
 
@@ -307,15 +318,11 @@ def manifest(
     """Write WORKSPACE/manifest.yaml (router, fallback LLM, every task promoted or on the
     LLM with its reason, evaluation figures, savings) and serving exports: the `vllm serve`
     command line and a LiteLLM proxy config under WORKSPACE/exports/."""
-    from slmify.evaluate import EvalError
-    from slmify.manifest import ManifestError, write_workspace_manifest
+    from slmify.manifest import write_workspace_manifest
 
     ws = Workspace.resolve(workspace, store)
     with ws.open_store() as st:
-        try:
-            summary = write_workspace_manifest(ws.root, st)
-        except (EvalError, ManifestError) as e:
-            raise fail(str(e)) from None
+        summary = write_workspace_manifest(ws.root, st)
     emit(summary, as_json)
 
 
@@ -364,7 +371,7 @@ def serve(
     not trained for, or an answer that fails validation). Headers x-slmify-route and
     x-slmify-reason say who answered and why; every call is recorded in the store with its
     route. Ctrl-C stops it after recording every answered call."""
-    from slmify.serve import ServeError, run_server
+    from slmify.serve import run_server
 
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
@@ -383,8 +390,6 @@ def serve(
                 shadow,
                 announce=lambda line: typer.echo(line, err=True),
             )
-        except ServeError as e:
-            raise fail(str(e)) from None
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e}") from e
     emit(summary, as_json)
@@ -413,22 +418,16 @@ def run(
     1 a stage failed (the summary names it);
     2 bad config (unknown key, bad value), missing source file or unknown recipe;
     3 a specialist was demoted to the LLM, or a promoted task failed the gate."""
-    from slmify.run import EXIT_BAD_INPUT, print_summary, run_pipeline
-    from slmify.runconfig import RunConfigError
-    from slmify.store import StoreError
+    from slmify.run import print_summary, run_pipeline
 
     ws = Workspace.resolve(workspace, store)
-    try:
-        summary = run_pipeline(
-            ws,
-            config,
-            progress=not as_json,
-            announce=(lambda line: None) if as_json else (lambda line: typer.echo(line, err=True)),
-        )
-    except RunConfigError as e:
-        raise fail(str(e), EXIT_BAD_INPUT) from None
-    except StoreError as e:
-        raise fail(str(e)) from None
+    # A RunConfigError (exit 2) or StoreError (exit 1) is printed by Commands.invoke.
+    summary = run_pipeline(
+        ws,
+        config,
+        progress=not as_json,
+        announce=(lambda line: None) if as_json else (lambda line: typer.echo(line, err=True)),
+    )
     if as_json:
         emit(summary, as_json)
     else:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans
 
 from slmify.embed import DEFAULT_MODEL, Embedder, embed_cached
+from slmify.errors import SlmifyError
 from slmify.features import (
     INPUT_SHAPES,
     CallView,
@@ -54,7 +55,7 @@ CLUSTERERS: dict[str, Callable[[int | None, Any], Any]] = {
 }
 
 
-class ClusterError(ValueError):
+class ClusterError(SlmifyError, ValueError):
     """Input that cannot be clustered; the message says why and what to do."""
 
 

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from slmify.errors import SlmifyError
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
-class EmbeddingError(RuntimeError):
+class EmbeddingError(SlmifyError, RuntimeError):
     pass
 
 

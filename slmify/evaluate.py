@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from slmify.errors import SlmifyError
 from slmify.gate import EvalConfig, agreement, decide
 from slmify.metrics import Encoder, score_answer
 from slmify.schema import (
@@ -47,7 +48,7 @@ JUDGE_PROMPT = (
 )
 
 
-class EvalError(RuntimeError):
+class EvalError(SlmifyError, RuntimeError):
     """A task that cannot be evaluated; the message names the file."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from slmify.errors import SlmifyError
 from slmify.schema import (
     EvalReport,
     FallbackLLM,
@@ -50,7 +51,7 @@ PRICES_SOURCE = (
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(SlmifyError, ValueError):
     """A manifest that cannot be built or read; the message names the file."""
 
 

@@ -14,11 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slmify.cluster import ClusterConfig
 from slmify.drift import DriftConfig
+from slmify.errors import EXIT_BAD_CONFIG, SlmifyError
 from slmify.recipes import DEFAULT_RECIPE, Recipe, describe_errors
 
 
-class RunConfigError(ValueError):
+class RunConfigError(SlmifyError, ValueError):
     """A config that cannot be run; the message names the file and the key."""
+
+    exit_code = EXIT_BAD_CONFIG
 
 
 class _Section(BaseModel):

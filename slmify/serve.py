@@ -55,6 +55,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from slmify.collect import parse_request
+from slmify.errors import SlmifyError
 from slmify.evaluate import TextEncoder
 from slmify.metrics import score_answer
 from slmify.proxy import (
@@ -88,7 +89,7 @@ API_KEY_ENV = "SLMIFY_UPSTREAM_API_KEY"
 LLM = "llm"
 
 
-class ServeError(RuntimeError):
+class ServeError(SlmifyError, RuntimeError):
     """A manifest whose router or specialists cannot be loaded; the message says which."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from slmify.errors import SlmifyError
 from slmify.schema import CallRecord, Curation
 
 MIGRATIONS: list[Callable[[str], list[str]]] = []
@@ -93,7 +94,7 @@ def open_store(url: str) -> Store:
             # Autocommit, so `transaction()` blocks are real BEGIN/COMMITs: without it a
             # read opens a transaction that they nest in as savepoints, never committed.
             conn = psycopg.connect(url, connect_timeout=5, autocommit=True)
-        except psycopg.OperationalError as e:
+        except psycopg.Error as e:
             raise StoreError(f"cannot connect to PostgreSQL store {redact_url(url)}: {e}") from e
         return Store(conn, "postgresql", redact_url(url))
     path = Path(url.removeprefix("sqlite:///"))
@@ -111,7 +112,7 @@ def open_store(url: str) -> Store:
     return Store(conn, "sqlite", str(path))
 
 
-class StoreError(RuntimeError):
+class StoreError(SlmifyError, RuntimeError):
     pass
 
 
