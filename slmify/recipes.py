@@ -13,6 +13,7 @@ validates, so an override of a key that does not exist is refused like a typo.
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from slmify.errors import EXIT_BAD_CONFIG, SlmifyError
 from slmify.gate import EvalConfig
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: package data in an installed wheel (pyproject maps the repo's
+    top-level recipes/ to slmify/recipe_files), else the checkout's recipes/ (an editable
+    install maps only the slmify folder, so the package data is not there)."""
+    # files() is a real folder for every pip install (wheels are unpacked, never zipped).
+    packaged = Path(str(importlib.resources.files("slmify") / "recipe_files"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+RECIPES_DIR = shipped_recipes_dir()
 DEFAULT_RECIPE = "cpu-smollm2-135m"
 
 
