@@ -5,7 +5,12 @@ except a pretty-printed JSON document, which has no line structure), detects eac
 format from its first record, converts every record to a `CallRecord` and inserts them in
 batches of one transaction each. A record that cannot be used is written to the rejects
 file (JSONL: file, line number, reason) and the import goes on. Every record read is
-counted exactly once: read = imported + duplicates + rejected. A record is one JSONL line,
+counted exactly once: read = imported + duplicates + conflicts + rejected, where a conflict
+is an id already stored with different content (kept as stored, reported in rejects).
+Any exception while reading, converting, validating, hashing or serializing one record
+rejects that record alone: an odd line never stops an import. A reason names the field
+and the rule broken, never a value or message text, and a re-import does not write the
+same reject twice. A record is one JSONL line,
 except in OTLP, where it is one LLM call span (a line can hold many).
 
 Formats:
@@ -74,6 +79,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 try:
                     yield lineno, orjson.loads(line), None
                 except orjson.JSONDecodeError as e:
+                    # orjson's message is a position, never the line's text.
                     yield lineno, None, f"malformed JSON: {e}"
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         yield lineno + 1, None, f"corrupt or truncated gzip after line {lineno}: {e}"
@@ -85,6 +91,10 @@ def _whole_document(f: Any, first: bytes) -> Iterator[tuple[int, Any, str | None
         doc = json.loads(first + f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         yield getattr(e, "lineno", 1), None, f"malformed JSON document: {e}"
+        return
+    except RecursionError:
+        # The stdlib parser recurses per level: a document nested ~1,000 deep.
+        yield 1, None, "malformed JSON document: nested too deeply"
         return
     for obj in doc if isinstance(doc, list) else [doc]:
         yield 1, obj, None
@@ -167,13 +177,18 @@ def parse_timestamp(value: Any) -> datetime | None:
         or (isinstance(value, str) and value.isdigit())
     ):
         seconds = float(value)
-        while seconds > 1e11:  # 1e11 s is the year 5138: larger numbers are finer units
+        for _ in range(3):  # ms, µs, ns at the finest
+            if abs(seconds) <= 1e11:  # 1e11 s is the year 5138: larger numbers are finer units
+                break
             seconds /= 1000
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError) as e:  # NaN, or before the year 1
+            raise Reject("timestamp out of range") from e
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError as e:
-        raise Reject(f"unreadable timestamp {value!r}") from e
+        raise Reject("unreadable timestamp (neither ISO 8601 nor epoch)") from e
 
 
 def from_openai_log(obj: dict[str, Any], source: str) -> list[CallRecord]:
@@ -273,39 +288,112 @@ def import_files(
     store: Store, paths: list[Path], rejects_path: Path, progress: bool = False
 ) -> dict[str, Any]:
     """Import every record of `paths` into `store`; returns the summary counts."""
-    totals = {"read": 0, "imported": 0, "duplicates": 0, "rejected": 0}
+    totals = {"read": 0, "imported": 0, "duplicates": 0, "conflicts": 0, "rejected": 0}
     formats: dict[str, str] = {}
     bar = _progress(paths) if progress else None
-    with rejects_path.open("a", encoding="utf-8") as rejects:
+    with RejectsFile(rejects_path) as rejects:
         for path in paths:
             batch: list[tuple[Any, ...]] = []
+            where: list[int] = []  # the line of each row in `batch`
             for lineno, result in _convert_file(path, formats):
                 totals["read"] += 1
                 if isinstance(result, Reject):
                     totals["rejected"] += 1
-                    line = {"file": str(path), "line": lineno, "reason": str(result)}
-                    rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    rejects.add(str(path), lineno, str(result))
                     continue
-                batch.append(call_row(result))
+                batch.append(result)
+                where.append(lineno)
                 if len(batch) >= BATCH:
-                    _flush(store, batch, totals)
+                    _flush(store, path, batch, where, totals, rejects)
                     if bar is not None:
                         bar.update(bar.task_ids[0], completed=totals["read"])
-            _flush(store, batch, totals)
+            _flush(store, path, batch, where, totals, rejects)
     if bar is not None:
         bar.stop()
     return {**totals, "formats": formats, "rejects": str(rejects_path), "store": store.location}
 
 
-def _flush(store: Store, batch: list[tuple[Any, ...]], totals: dict[str, int]) -> None:
+CONFLICT = "conflict: id already stored with different content"
+
+
+class RejectsFile:
+    """rejects.jsonl, appended to; a reject already written (same file, line and reason)
+    is not written again, so re-importing a file does not grow it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen: set[tuple[str, int, str]] = set()
+        if path.exists():
+            with path.open("rb") as f:
+                for line in f:
+                    try:
+                        r = orjson.loads(line)
+                        self.seen.add((r.get("file"), r.get("line"), r.get("reason")))
+                    except (orjson.JSONDecodeError, AttributeError):
+                        continue  # a line cut by a crash: the reject is written again
+
+    def __enter__(self) -> RejectsFile:
+        self.f = self.path.open("a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def add(self, file: str, line: int, reason: str, kind: str = "reject") -> None:
+        if (file, line, reason) in self.seen:
+            return
+        self.seen.add((file, line, reason))
+        row = {"file": file, "line": line, "reason": reason}
+        if kind != "reject":
+            row["kind"] = kind
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _flush(
+    store: Store,
+    path: Path,
+    batch: list[tuple[Any, ...]],
+    where: list[int],
+    totals: dict[str, int],
+    rejects: RejectsFile,
+) -> None:
     imported, dups = store.add_rows(batch)
     totals["imported"] += imported
-    totals["duplicates"] += len(dups)
+    if dups:
+        repeated = set(dups)
+        rows = [(row, line) for row, line in zip(batch, where, strict=True) if row[0] in repeated]
+        conflicts = _conflicts(store, rows)
+        for line in conflicts:
+            rejects.add(str(path), line, CONFLICT, "conflict")
+        totals["conflicts"] += len(conflicts)
+        totals["duplicates"] += len(dups) - len(conflicts)
     batch.clear()
+    where.clear()
 
 
-def _convert_file(path: Path, formats: dict[str, str]) -> Iterator[tuple[int, CallRecord | Reject]]:
-    """(line number, record or the reason it was rejected) for every record of a file."""
+def _conflicts(store: Store, rows: list[tuple[tuple[Any, ...], int]]) -> list[int]:
+    """The lines of `rows` (whose ids are all stored now) whose content differs from the
+    stored call's. A curated call's stored hash is of its scrubbed text, so the incoming
+    record is scrubbed the same way first (a slow path, taken for repeated ids only)."""
+    stored = store.stored_hashes([row[0] for row, _ in rows])
+    out = []
+    for row, line in rows:
+        stored_hash, curated = stored[row[0]]
+        mine = row[7]
+        if curated:
+            from slmify.curate import masked_hash
+            from slmify.scrub import Scrubber
+
+            mine = masked_hash(Scrubber().record(CallRecord.model_validate_json(row[8])))
+        if mine != stored_hash:
+            out.append(line)
+    return out
+
+
+def _convert_file(
+    path: Path, formats: dict[str, str]
+) -> Iterator[tuple[int, tuple[Any, ...] | Reject]]:
+    """(line number, `calls` row or why the record was rejected) for every record of a file."""
     for lineno, obj, error in iter_records(path):
         if error:
             yield lineno, Reject(error)
@@ -316,17 +404,46 @@ def _convert_file(path: Path, formats: dict[str, str]) -> Iterator[tuple[int, Ca
             if fmt != expected:
                 raise Reject(f"a {fmt} record in a file of {expected} records")
             results = CONVERTERS[fmt](obj, f"{path}:{lineno}")
-        except Reject as e:
-            results = [e]
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            # pydantic's ValidationError is a ValueError: a field of the wrong type.
-            results = [Reject(f"invalid record: {short_reason(e)}")]
+        except Exception as e:  # noqa: BLE001 - one record's failure must not end the import
+            results = [as_reject(e)]
         for result in results:
-            yield lineno, result
+            if isinstance(result, Reject):
+                yield lineno, result
+                continue
+            try:
+                # Hashing and serializing fail on what validation let through (orjson stops
+                # at 255 levels of nesting, lone surrogates are not UTF-8).
+                yield lineno, call_row(result)
+            except Exception as e:  # noqa: BLE001
+                yield lineno, as_reject(e)
 
 
-def short_reason(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
+def as_reject(e: BaseException) -> Reject:
+    """The reject for an exception raised by one record, its reason free of the record's
+    values: pydantic's messages quote the input, and a ValueError can quote anything."""
+    from pydantic import ValidationError
+
+    if isinstance(e, Reject):
+        return e
+    if isinstance(e, RecursionError):
+        return Reject("invalid record: nested too deeply")
+    if isinstance(e, ValidationError):
+        errors = e.errors(include_url=False, include_input=False, include_context=False)
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])[:120]}: {err['msg'][:120]}"
+            for err in errors[:3]
+        )
+        n = e.error_count()
+        return Reject(
+            f"invalid record: {n} validation error{'s' if n > 1 else ''} for {e.title}: {where}"
+        )
+    if isinstance(e, ValueError | TypeError) and (
+        "Recursion limit" in str(e) or "depth exceeded" in str(e)
+    ):  # orjson stops at 255 levels, pydantic's serializer at a few hundred
+        return Reject("invalid record: nested too deeply to serialize")
+    if isinstance(e, UnicodeError) or "surrogates not allowed" in str(e):
+        return Reject("invalid record: text that is not valid Unicode (a lone surrogate)")
+    return Reject(f"invalid record: {type(e).__name__} while converting it")
 
 
 def _progress(paths: list[Path]):  # noqa: ANN202

@@ -14,9 +14,10 @@ and `gen_ai.agent.name` fill the rest. Writes nothing; the import loop stores th
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from slmify.collect import Reject, parse_timestamp, short_reason
+from slmify.collect import Reject, as_reject, parse_timestamp
 from slmify.schema import CallRecord, content_hash
 
 # The semantic conventions' inference operations; agent, tool and embedding spans in the
@@ -35,16 +36,15 @@ def calls_from_otlp(obj: dict[str, Any], source: str) -> list[CallRecord | Rejec
         resource = _attributes((rs.get("resource") or {}).get("attributes"))
         for ss in rs.get("scopeSpans") or []:
             for span in ss.get("spans") or []:
-                attrs = _attributes(span.get("attributes"))
-                op = attrs.get("gen_ai.operation.name")
-                if op not in OTLP_INFERENCE and (op or "gen_ai.input.messages" not in attrs):
-                    continue
                 try:
+                    attrs = _attributes(span.get("attributes"))
+                    op = attrs.get("gen_ai.operation.name")
+                    if op not in OTLP_INFERENCE and (op or "gen_ai.input.messages" not in attrs):
+                        continue
                     results.append(_otlp_call(span, attrs, resource, source))
-                except Reject as e:
-                    results.append(Reject(f"span {span.get('spanId')}: {e}"))
-                except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    results.append(Reject(f"span {span.get('spanId')}: invalid: {short_reason(e)}"))
+                except Exception as e:  # noqa: BLE001 - one span's failure is its reject alone
+                    span_id = str(span.get("spanId"))[:64] if isinstance(span, dict) else "?"
+                    results.append(Reject(f"span {span_id}: {as_reject(e)}"))
     if not results:
         raise Reject("OTLP export holds no GenAI inference span (chat, generate_content...)")
     return results
@@ -187,7 +187,9 @@ def _genai_messages(value: Any) -> list[dict[str, Any]]:
             elif kind != "reasoning":
                 # Reasoning has no chat-completions field, and the answer is what is learnt;
                 # images, audio and files have no text to learn from either.
-                raise Reject(f"unsupported gen_ai message part {kind!r}")
+                # The type is named only when it looks like one: a reject quotes no content.
+                shown = repr(kind) if re.fullmatch(r"[a-z_]{1,32}", str(kind)) else "(unnamed)"
+                raise Reject(f"unsupported gen_ai message part {shown}")
         if texts or calls or not results:
             msg["content"] = "\n".join(texts) if texts else None
             if calls:

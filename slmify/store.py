@@ -105,11 +105,34 @@ def open_store(url: str) -> Store:
     # pages write it in fewer overflow pages, a third less insert time than the default
     # 4 KiB. It only takes effect when the database is created.
     conn.execute("PRAGMA page_size=16384")
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Switching to WAL takes an exclusive lock and may answer "locked" at once (no busy
+    # wait) while another process creates the same database: retried like a write.
+    with_retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
     # NORMAL in WAL mode loses at most the last transactions on power loss, never
     # corrupts; FULL would fsync on every batch of the proxy's writes.
     conn.execute("PRAGMA synchronous=NORMAL")
     return Store(conn, "sqlite", str(path))
+
+
+def is_locked(e: BaseException) -> bool:
+    """A write lock held by another connection for longer than its busy timeout."""
+    text = str(e).lower()
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def with_retry(fn: Callable[[], Any], attempts: int = 8, first_wait_s: float = 0.05) -> Any:
+    """`fn()`, retried with exponential backoff (about 13 s in all, on top of SQLite's own
+    30 s busy wait per try) while the database is locked; other errors are raised at once."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not is_locked(e) or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait_s * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class StoreError(SlmifyError, RuntimeError):
@@ -143,9 +166,20 @@ class Store:
         return self.conn.execute(self._sql(sql), tuple(params))
 
     def _transaction(self, statements: Callable[[Any], Any]) -> Any:
+        """`statements(cursor)` in one transaction; SQLite's is retried while locked."""
         if self.dialect == "postgresql":
             with self.conn.transaction():
                 return statements(self.conn.cursor())
+        return with_retry(lambda: self._sqlite_transaction(statements))
+
+    def _pg_errors(self) -> tuple[type[Exception], ...]:
+        if self.dialect != "postgresql":
+            return ()
+        import psycopg
+
+        return (psycopg.errors.UndefinedTable,)
+
+    def _sqlite_transaction(self, statements: Callable[[Any], Any]) -> Any:
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -157,15 +191,27 @@ class Store:
         return result
 
     def _migrate(self) -> None:
-        self.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
-        )
-        done = {row[0] for row in self.execute("SELECT name FROM _migrations").fetchall()}
-        for fn in MIGRATIONS:
-            if fn.__name__ in done:
-                continue
+        """Apply the migrations not applied yet, all in one transaction that first takes
+        the write lock (SQLite's BEGIN IMMEDIATE, a PostgreSQL advisory lock): two stores
+        opened at once on a new database queue here, and the second finds them done."""
+        try:  # the usual case, an up-to-date store, takes no write lock
+            names = {row[0] for row in self.execute("SELECT name FROM _migrations").fetchall()}
+            if names >= {fn.__name__ for fn in MIGRATIONS}:
+                return
+        except (sqlite3.OperationalError, *self._pg_errors()):
+            pass  # no _migrations table yet
 
-            def apply(cur: Any, fn: Callable[[str], list[str]] = fn) -> None:
+        def apply(cur: Any) -> None:
+            if self.dialect == "postgresql":
+                cur.execute("SELECT pg_advisory_xact_lock(7715007)")  # any constant key
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+            )
+            cur.execute("SELECT name FROM _migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for fn in MIGRATIONS:
+                if fn.__name__ in done:
+                    continue
                 for stmt in fn(self.dialect):
                     cur.execute(stmt)
                 cur.execute(
@@ -175,7 +221,7 @@ class Store:
                     (fn.__name__,),
                 )
 
-            self._transaction(apply)
+        self._transaction(apply)
 
     def close(self) -> None:
         self.conn.close()
@@ -233,6 +279,23 @@ class Store:
             cur.execute(self._sql(f"SELECT id FROM calls WHERE id IN ({marks})"), chunk)
             found.extend(row[0] for row in cur.fetchall())
         return found
+
+    def stored_hashes(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
+        """(content hash, curated?) of the stored calls among `ids`."""
+        out: dict[str, tuple[str, bool]] = {}
+        cur = self.conn.cursor()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            cur.execute(
+                self._sql(
+                    "SELECT id, content_hash, curation IS NOT NULL FROM calls"
+                    f" WHERE id IN ({marks})"
+                ),
+                chunk,
+            )
+            out.update((row[0], (row[1], bool(row[2]))) for row in cur.fetchall())
+        return out
 
     def count_calls(self) -> int:
         return self.execute("SELECT COUNT(*) FROM calls").fetchone()[0]

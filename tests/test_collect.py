@@ -44,7 +44,9 @@ def run_import(tmp_path: Path, *files: Path) -> tuple[dict, list[CallRecord], li
     with open_store(str(tmp_path / "calls.db")) as store:
         summary = import_files(store, list(files), rejects)
         records = [c.record for c in store.iter_calls()]
-    assert summary["read"] == summary["imported"] + summary["duplicates"] + summary["rejected"]
+    assert summary["read"] == (
+        summary["imported"] + summary["duplicates"] + summary["conflicts"] + summary["rejected"]
+    )
     lines = rejects.read_text().splitlines() if rejects.exists() else []
     return summary, records, [json.loads(line) for line in lines]
 
@@ -426,7 +428,10 @@ def test_bad_lines_are_rejected_and_the_import_goes_on(tmp_path: Path) -> None:
     assert reasons[7] == "a openai-finetune record in a file of openai-log records"
     assert reasons[8] == "response has no `choices`"
     assert reasons[9] == "request has no `messages` list"
-    assert reasons[10].startswith("invalid record: 1 validation error for CallRecord session_id")
+    assert reasons[10] == (
+        "invalid record: 1 validation error for CallRecord: session_id: Input should be a valid"
+        " string"
+    )
 
 
 def test_truncated_gzip_keeps_the_lines_before_the_break(tmp_path: Path) -> None:
@@ -483,6 +488,130 @@ def test_a_failing_batch_leaves_the_store_as_before(
     monkeypatch.setattr(collect, "call_row", real_row)
     summary, records, _ = run_import(tmp_path, path)  # re-running completes it
     assert (summary["imported"], summary["duplicates"], len(records)) == (15, 10, 25)
+
+
+# -- hostile input: every record imported or rejected, never fatal -------------------------
+
+
+def nested_line(i: int, depth: int) -> str:
+    """An OpenAI log line whose metadata holds a list nested `depth` levels (JSON counts
+    the record's own object as one more)."""
+    base = json.dumps(openai_log(i, metadata={"blob": "X"}))
+    return base.replace('"X"', "[" * depth + '"deep"' + "]" * depth) + "\n"
+
+
+def test_deep_nesting_is_rejected_alone(tmp_path: Path) -> None:
+    """Lines nested 256-1,023 levels parse (orjson stops at 1,024) but cannot be hashed or
+    stored; 1,100 levels do not parse. Each is rejected, and the good lines around them land."""
+    depths = [100, 256, 300, 1023, 1100]
+    rows: list[Any] = []
+    for i, depth in enumerate(depths):
+        rows.append(openai_log(2 * i))
+        rows.append(nested_line(2 * i + 1, depth))
+    rows.append(openai_log(99))
+    path = write_jsonl(tmp_path / "deep.jsonl", rows)
+    summary, records, rejects = run_import(tmp_path, path)
+    good = [f"call-{2 * i}" for i in range(len(depths))] + ["call-1", "call-99"]
+    assert sorted(r.id for r in records) == sorted(good)  # depth 100 is fine
+    assert (summary["read"], summary["imported"], summary["rejected"]) == (11, 7, 4)
+    assert [r["line"] for r in rejects] == [4, 6, 8, 10]
+    assert rejects[0]["reason"] == "invalid record: nested too deeply to serialize"
+    assert rejects[3]["reason"].startswith("malformed JSON: depth limit exceeded")
+
+
+@pytest.mark.parametrize(
+    "stamp", [-1e300, -99999999999999999999999, 1e300, "99999999999999999999999"]
+)
+def test_hostile_timestamps_are_rejected_alone(tmp_path: Path, stamp: Any) -> None:
+    rows = [openai_log(1), openai_log(2, timestamp=stamp), openai_log(3)]
+    summary, records, rejects = run_import(tmp_path, write_jsonl(tmp_path / "t.jsonl", rows))
+    assert [r.id for r in records] == ["call-1", "call-3"]
+    assert rejects == [
+        {"file": str(tmp_path / "t.jsonl"), "line": 2, "reason": "timestamp out of range"}
+    ]
+
+
+def test_pre_1970_and_fine_unit_epochs_still_read(tmp_path: Path) -> None:
+    rows = [openai_log(1, timestamp=-86400), openai_log(2, timestamp=1715854074123456789)]
+    _, records, _ = run_import(tmp_path, write_jsonl(tmp_path / "t.jsonl", rows))
+    assert records[0].timestamp.isoformat() == "1969-12-31T00:00:00+00:00"
+    assert records[1].timestamp.year == 2024
+
+
+def test_deeply_nested_pretty_printed_document_is_one_reject(tmp_path: Path) -> None:
+    doc = tmp_path / "deep.json"
+    doc.write_text('{\n"a": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "\n}\n")
+    good = write_jsonl(tmp_path / "good.jsonl", [openai_log(1)])
+    summary, records, rejects = run_import(tmp_path, doc, good)
+    assert (summary["read"], summary["imported"], summary["rejected"]) == (2, 1, 1)
+    assert rejects[0]["reason"] == "malformed JSON document: nested too deeply"
+
+
+def test_deeply_nested_otlp_attribute_rejects_its_span_only() -> None:
+    export = otlp_export()
+    value: dict[str, Any] = {"stringValue": "x"}
+    for _ in range(1200):  # 2 Python frames a level: past the interpreter's 1,000
+        value = {"kvlistValue": {"values": [{"key": "k", "value": value}]}}
+    spans = export["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    spans[0]["attributes"].append({"key": "app.blob", "value": value})
+    from slmify.otlp import calls_from_otlp
+
+    # As the stdlib parser hands a pretty-printed export over (orjson stops at 1,024 levels).
+    results = calls_from_otlp(export, "trace.json")
+    reasons = [str(r) for r in results if isinstance(r, collect.Reject)]
+    assert [r.id for r in results if isinstance(r, CallRecord)] == ["a3"]
+    assert reasons[0] == "span a1: invalid record: nested too deeply"
+
+
+def test_rejects_quote_no_values_and_do_not_grow_on_reimport(tmp_path: Path) -> None:
+    secret = "mia.li@example.com"
+    rows = [
+        openai_log(1, metadata={"session_id": {"email": secret}}),
+        openai_log(2, latency_ms=secret),
+        openai_log(3, timestamp=f"born {secret}"),
+        openai_log(4, request={"messages": [{"role": "user", "content": secret}], "model": 5}),
+        openai_log(5),
+    ]
+    path = write_jsonl(tmp_path / "calls.jsonl", rows)
+    summary, _, rejects = run_import(tmp_path, path)
+    assert (summary["imported"], summary["rejected"]) == (1, 4)
+    text = (tmp_path / "rejects.jsonl").read_text()
+    assert secret not in text and "mia" not in text and "input_value" not in text
+    again, _, rejects_again = run_import(tmp_path, path)
+    assert (again["duplicates"], again["rejected"]) == (1, 4)
+    assert rejects_again == rejects  # the same four lines, not eight
+
+
+def test_same_id_with_other_content_is_a_conflict(tmp_path: Path) -> None:
+    first = write_jsonl(tmp_path / "a.jsonl", [openai_log(1), openai_log(2)])
+    changed = openai_log(2)
+    changed["response"]["choices"][0]["message"]["content"] = "another answer"
+    second = write_jsonl(tmp_path / "b.jsonl", [openai_log(1), changed, changed])
+    summary, records, rejects = run_import(tmp_path, first, second)
+    assert summary["read"] == (
+        summary["imported"] + summary["duplicates"] + summary["conflicts"] + summary["rejected"]
+    )
+    assert (summary["imported"], summary["duplicates"], summary["conflicts"]) == (2, 1, 2)
+    assert records[1].output_text() == "a2"  # the first one stays
+    assert [(r["file"], r["line"], r.get("kind")) for r in rejects] == [
+        (str(second), 2, "conflict"),
+        (str(second), 3, "conflict"),
+    ]
+
+
+def test_conflict_found_against_a_curated_call(tmp_path: Path) -> None:
+    from slmify.curate import curate_store
+
+    rows = [openai_log(1, request={"messages": [{"role": "user", "content": "mail a@b.io"}]})]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    changed = json.loads(json.dumps(rows[0]))
+    changed["response"]["choices"][0]["message"]["content"] = "other"
+    other = write_jsonl(tmp_path / "b.jsonl", [changed])
+    with open_store(str(tmp_path / "calls.db")) as store:
+        import_files(store, [path], tmp_path / "rejects.jsonl")
+        curate_store(store, tmp_path / "report.json")
+        again = import_files(store, [path, other], tmp_path / "rejects.jsonl")
+    assert (again["duplicates"], again["conflicts"]) == (1, 1)
 
 
 # -- the command line ------------------------------------------------------------------

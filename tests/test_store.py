@@ -163,3 +163,50 @@ def test_cli_imports_a_real_set_into_postgresql(postgres_url: str) -> None:
         assert st.count_calls() == 52
         rec = st.get_call("toolbench-G1-10-0").record
         assert rec.request.functions and rec.response.message["function_call"]
+
+
+def test_two_fresh_imports_at_once_both_succeed(store_url: str, tmp_path: Path) -> None:
+    """Two stores opened at the same moment on a new database: one applies the migrations,
+    the other waits and finds them applied (unserialized, 1 round in 30 failed with
+    `table calls already exists`)."""
+    import threading
+
+    sqlite = not store_url.startswith("postgresql")
+    for round_ in range(30 if sqlite else 1):
+        url = str(tmp_path / f"round{round_}" / "calls.db") if sqlite else store_url
+        barrier, errors, inserted = threading.Barrier(2), [], []
+
+        def one(k: int, url=url, barrier=barrier, errors=errors, inserted=inserted) -> None:  # noqa: ANN001
+            barrier.wait()
+            try:
+                with open_store(url) as st:
+                    inserted.append(st.add_calls([record(100 * k + i) for i in range(5)])[0])
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and inserted == [5, 5]
+        with open_store(url) as st:
+            assert st.count_calls() == 10
+            names = [r[0] for r in st.execute("SELECT name FROM _migrations").fetchall()]
+            assert sorted(names) == sorted(fn.__name__ for fn in MIGRATIONS)
+
+
+def test_a_held_write_lock_is_waited_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer finds the database locked past SQLite's busy wait: it backs off and retries
+    instead of failing the batch."""
+    import sqlite3
+    import threading
+
+    url = str(tmp_path / "calls.db")
+    with open_store(url) as st:
+        st.conn.execute("PRAGMA busy_timeout=50")  # the 30 s wait, shortened for the test
+        blocker = sqlite3.connect(url, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.5, lambda: blocker.execute("COMMIT")).start()
+        assert st.add_calls([record(1)]) == (1, [])
+        blocker.close()
