@@ -1,4 +1,5 @@
-"""Shared fixtures: every test runs offline in its own workspace."""
+"""Shared fixtures: every test runs offline in its own workspace, with one model cache per
+run ($SLMIFY_CACHE) that is never ~/.cache/slmify."""
 
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ POSTGRES = os.environ.get("SLMIFY_TEST_POSTGRES") or (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One model cache for the whole run, so the embedded SmolLM2 is materialized once per
+    run (not per test) and nothing is written to ~/.cache/slmify. Set for the session too,
+    because session and module fixtures (`tiny_base`) run before any function fixture."""
+    cache = tmp_path_factory.mktemp("slmify-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLMIFY_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _model_cache: Path) -> None:
     monkeypatch.setenv("SLMIFY_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("SLMIFY_CACHE", str(_model_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
