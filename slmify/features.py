@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from slmify.schema import CallRecord, ChatRequest, OutputShape, message_text
+from slmify.shapes import text_shape
 from slmify.store import Store
 
 INPUT_SHAPES = ("structured", "choice", "yes_no_question", "open_question", "statement")
@@ -88,20 +89,6 @@ def _message_action(msg: dict) -> str:
     if isinstance(msg.get("function_call"), dict):
         names.append(msg["function_call"].get("name", ""))
     return "+".join(sorted(set(names))) if names else text_shape(message_text(msg.get("content")))
-
-
-def text_shape(text: str) -> OutputShape:
-    """json if it parses as an object or array; label if a few words on one line."""
-    s = text.strip()
-    if s[:1] in "[{":
-        try:
-            json.loads(s)
-            return "json"
-        except ValueError:
-            pass
-    if "\n" not in s and len(s) <= 40 and len(s.split()) <= 4:
-        return "label"
-    return "text"
 
 
 def output_shape(record: CallRecord) -> OutputShape:

@@ -22,43 +22,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slmify.schema import AnswerScore, OutputShape, message_text, message_tool_calls
+from slmify.schema import AnswerScore, message_text, message_tool_calls
+from slmify.shapes import answer_shape, parse_json
 
-# A label is a short single-line answer: a class name, yes/no, an option letter.
-LABEL_MAX_CHARS = 40
-LABEL_MAX_WORDS = 4
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class Encoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
-
-
-def parse_json(text: str) -> Any | None:
-    """The JSON object or array in `text` (a ```json fence allowed), else None."""
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1)
-    if not text or text[0] not in "[{":
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def answer_shape(message: dict[str, Any]) -> OutputShape:
-    """The shape of an assistant message: tool_call, json, label or text."""
-    if message_tool_calls(message):
-        return "tool_call"
-    text = message_text(message.get("content")).strip()
-    if parse_json(text) is not None:
-        return "json"
-    if "\n" not in text and len(text) <= LABEL_MAX_CHARS and len(text.split()) <= LABEL_MAX_WORDS:
-        return "label"
-    return "text"
 
 
 def score_answer(
