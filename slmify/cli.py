@@ -110,6 +110,26 @@ def collect_import(
         raise fail(f"{summary['rejected']} line(s) rejected, see {summary['rejects']}")
 
 
+# Shared by `collect proxy` and `serve` (slmify.httpguard).
+ApiKeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--api-key-file",
+        help="Clients' keys, one a line (besides $SLMIFY_API_KEY): with any, each call needs "
+        "one, and only such calls go upstream with $SLMIFY_UPSTREAM_API_KEY. Without, the "
+        "client's own key goes upstream.",
+    ),
+]
+AllowedHostOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-host",
+        help="Another name clients reach this server by (Host header), besides the loopback "
+        "names and the bound address; repeatable. Other names get 421 (DNS rebinding).",
+    ),
+]
+
+
 @collect_app.command("proxy")
 def collect_proxy(
     upstream: Annotated[
@@ -129,25 +149,36 @@ def collect_proxy(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
     ] = 600.0,
+    api_key_file: ApiKeyFileOpt = None,
+    allowed_host: AllowedHostOpt = None,
     workspace: WorkspaceOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Record the agent's calls live: point its OpenAI base URL at http://HOST:PORT/v1.
 
-    Chat completions (streamed or not) are forwarded unchanged and stored; other /v1/*
-    requests are forwarded only. Optional request headers `x-slmify-session` and
-    `x-slmify-agent` set the call's session id and agent name. Authorization and api-key
-    are forwarded, never stored. Ctrl-C stops it after writing every answered call."""
+    Chat completions (streamed or not) are forwarded unchanged and stored; GET /v1/models,
+    POST /v1/completions and /v1/embeddings are forwarded only; other paths are a 404.
+    Optional request headers `x-slmify-session` and `x-slmify-agent` set the call's
+    session id and agent name. Keys are forwarded (see --api-key-file), never stored.
+    Ctrl-C stops it after writing every answered call."""
+    from slmify.httpguard import configure
     from slmify.proxy import run_proxy
 
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
+    guard = configure(host, allowed_host or [], api_key_file)
     ws = Workspace.resolve(workspace, store)
     with ws.open_store() as st:
         try:
             summary = run_proxy(
-                st, upstream, host, port, timeout, announce=lambda line: typer.echo(line, err=True)
+                st,
+                upstream,
+                host,
+                port,
+                timeout,
+                announce=lambda line: typer.echo(line, err=True),
+                guard=guard,
             )
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e}") from e
@@ -336,8 +367,8 @@ def serve(
         typer.Option(
             "--upstream",
             help="The fallback LLM's base URL as an OpenAI SDK takes it (https://api.openai.com"
-            "/v1). Its key: the client's Authorization / api-key headers, else "
-            "$SLMIFY_UPSTREAM_API_KEY; never stored.",
+            "/v1). Its key: $SLMIFY_UPSTREAM_API_KEY for clients holding a slmify key (see "
+            "--api-key-file), else the client's own; never stored.",
         ),
     ],
     port: Annotated[
@@ -360,6 +391,8 @@ def serve(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
     ] = 600.0,
+    api_key_file: ApiKeyFileOpt = None,
+    allowed_host: AllowedHostOpt = None,
     workspace: WorkspaceOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -371,12 +404,14 @@ def serve(
     not trained for, or an answer that fails validation). Headers x-slmify-route and
     x-slmify-reason say who answered and why; every call is recorded in the store with its
     route. Ctrl-C stops it after recording every answered call."""
+    from slmify.httpguard import configure
     from slmify.serve import run_server
 
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
     if not manifest_path.is_file():
         raise fail(f"no such file: {manifest_path}")
+    guard = configure(host, allowed_host or [], api_key_file)
     ws = Workspace.resolve(workspace, store)
     with ws.open_store() as st:
         try:
@@ -389,6 +424,7 @@ def serve(
                 timeout,
                 shadow,
                 announce=lambda line: typer.echo(line, err=True),
+                guard=guard,
             )
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e}") from e

@@ -3,16 +3,19 @@
 `POST /v1/chat/completions` goes to the upstream LLM and its answer comes back unchanged:
 a JSON body byte for byte, an SSE stream (`"stream": true`) chunk by chunk as it arrives.
 The upstream is the base URL an OpenAI SDK would be given (`https://api.openai.com/v1`):
-`/v1/X` here is `UPSTREAM/X` there. Other `/v1/*` requests (`GET /v1/models`...) are
-passed through the same way and not recorded.
+`/v1/X` here is `UPSTREAM/X` there. `GET /v1/models`, `POST /v1/completions` and
+`POST /v1/embeddings` are passed through the same way and not recorded; any other path is
+a 404 and never reaches the upstream.
 
 Each chat call is written to the store as a `CallRecord` (source `proxy:<upstream>`, id
 the upstream's response id, else a uuid). Optional request headers, read here and not
 forwarded:
 - `x-slmify-session`: the agent's session or episode id, stored as `session_id`;
 - `x-slmify-agent`: the agent's name, stored as `agent`.
-`Authorization` and `api-key` are forwarded and never stored: a record is built from the
-request body, those two headers and the answer, nothing else.
+Every request first passes slmify.httpguard (Host, exact route, client key, JSON body),
+which also decides the upstream key: the client's own `Authorization` / `api-key`, or,
+when clients authenticate with slmify keys, SLMIFY_UPSTREAM_API_KEY. Keys are never
+stored: a record is built from the request body, those two headers and the answer.
 
 Upstream errors reach the client as sent (status and body) and are recorded as failed
 calls; an upstream that cannot be reached or stays silent past the timeout becomes a 502
@@ -46,6 +49,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from slmify.collect import parse_request, parse_response
+from slmify.httpguard import (
+    AUTH_HEADERS,
+    PASSTHROUGH_POSTS,
+    Guard,
+    configure,
+    credentials,
+    upstream_path,
+)
 from slmify.schema import CallRecord, ChatResponse, Usage
 from slmify.sse import assemble_stream, parse_sse
 from slmify.store import Store, redact_url
@@ -60,7 +71,8 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # aiohttp's client advertises only the encodings it can decode; forwarding the agent's own
 # Accept-Encoding (br without brotli installed, say) could bring back undecodable bytes.
-REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"}
+# The key headers go too: the ones the guard chose (httpguard.credentials) replace them.
+REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"} | AUTH_HEADERS
 # The client decodes the body, so its encoding and length headers are no longer true.
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding"}
 # Agents send long histories and base64 images; aiohttp's default cap is 1 MiB.
@@ -124,7 +136,10 @@ class Upstream:
         answer_headers: dict[str, str] | None = None,
     ) -> tuple[web.StreamResponse, Exchange]:
         """Send `request` (its body already read) upstream and answer the client, adding
-        `send_headers` to what goes upstream and `answer_headers` to the answer."""
+        `send_headers` to what goes upstream and `answer_headers` to the answer.
+
+        The upstream gets the key the guard chose (`credentials`), never the client's key
+        headers as sent, and the path of the route matched, never the client's raw path."""
         assert self.session is not None, "Upstream.open() first"
         ex = Exchange(
             source=self.source,
@@ -138,9 +153,9 @@ class Upstream:
             for k, v in request.headers.items()
             if k.lower() not in REQUEST_DROP and not k.lower().startswith("x-slmify-")
         )
+        headers.update(credentials(request))
         headers.update(send_headers or {})
-        # raw_path keeps the agent's own percent-encoding (and its query string).
-        url = self.url.rstrip("/") + request.raw_path.removeprefix("/v1")
+        url = self.url.rstrip("/") + upstream_path(request)
         t0 = time.perf_counter()
         try:
             async with self.session.request(request.method, url, data=body, headers=headers) as up:
@@ -342,8 +357,9 @@ def _rekeyed(records: list[CallRecord], dups: list[str]) -> list[CallRecord]:
 # -- the server -------------------------------------------------------------------------
 
 
-def make_app(upstream: Upstream, writer: CallWriter) -> web.Application:
-    """The proxy's routes: chat completions forwarded and recorded, other /v1/* forwarded."""
+def make_app(upstream: Upstream, writer: CallWriter, guard: Guard | None = None) -> web.Application:
+    """The proxy's routes: chat completions forwarded and recorded, a few others forwarded,
+    all behind `guard` (by default: loopback names, keys from the environment)."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         resp, ex = await upstream.forward(request, await request.read())
@@ -359,9 +375,12 @@ def make_app(upstream: Upstream, writer: CallWriter) -> web.Application:
         yield
         await upstream.close()
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    guard = guard or configure()
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[guard.middleware])
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    for path in PASSTHROUGH_POSTS:
+        app.router.add_post(path, passthrough)
+    app.router.add_get("/v1/models", passthrough)
     app.cleanup_ctx.append(upstream_session)
     return app
 
@@ -373,6 +392,7 @@ def run_proxy(
     port: int,
     timeout_s: float,
     announce: Callable[[str], None],
+    guard: Guard,
 ) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM, then flush the writer; returns the summary counts."""
     upstream = Upstream(upstream_url, timeout_s)
@@ -383,9 +403,10 @@ def run_proxy(
             f"slmify proxy listening on {listen}, forwarding to {redact_url(upstream_url)},"
             f" recording into {store.location} (Ctrl-C stops)"
         )
+        announce(guard.describe())
 
     try:
-        listen = asyncio.run(_serve(make_app(upstream, writer), host, port, listening))
+        listen = asyncio.run(_serve(make_app(upstream, writer, guard), host, port, listening))
     finally:
         writer.close()
     return {
@@ -393,6 +414,7 @@ def run_proxy(
         "upstream": redact_url(upstream_url),
         "store": store.location,
         **writer.counts,
+        "rejected": dict(guard.rejected),
     }
 
 

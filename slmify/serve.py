@@ -6,8 +6,8 @@ as the recording proxy does, with the route taken in the record's `metadata.rout
 `ServedRoute`), so the next cluster / train / eval sees the traffic.
 
 Routes: `POST /v1/chat/completions` (plain or `"stream": true`), `GET /v1/models` (the
-promoted task models and the fallback LLM), `GET /health`; other `/v1/*` requests are
-passed to the upstream LLM unchanged.
+promoted task models and the fallback LLM), `GET /health`; `POST /v1/completions` and
+`POST /v1/embeddings` are passed to the upstream LLM unchanged; any other path is a 404.
 
 Concurrent calls are routed together, in one forward pass of the embedding model
 (`slmify.router.RouteBatcher`). A chat call goes to the task the router picks,
@@ -31,9 +31,11 @@ background; its answer and its agreement with the LLM's (slmify.metrics) are rec
 the call. That includes the tasks the gate kept on the LLM: shadowing them is how a user
 sees a specialist on live traffic before cutting it over.
 
-Credentials for the upstream: the client's `Authorization` / `api-key` headers are passed
-through; when it sends neither, `SLMIFY_UPSTREAM_API_KEY` is sent as a bearer token. They
-are never logged or stored.
+Every request first passes slmify.httpguard (Host, exact route, client key, JSON body).
+Credentials for the upstream: with client keys configured (SLMIFY_API_KEY,
+`--api-key-file`), an authenticated call goes upstream with SLMIFY_UPSTREAM_API_KEY;
+without them, the client's own `Authorization` / `api-key` go through and the operator's
+key is never added. Keys are never logged or stored.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ from aiohttp import web
 from slmify.collect import parse_request
 from slmify.errors import SlmifyError
 from slmify.evaluate import TextEncoder
+from slmify.httpguard import PASSTHROUGH_POSTS, Guard, configure, credentials
 from slmify.metrics import score_answer
 from slmify.proxy import (
     AGENT_HEADER,
@@ -85,7 +87,6 @@ log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-slmify-route"
 REASON_HEADER = "x-slmify-reason"
-API_KEY_ENV = "SLMIFY_UPSTREAM_API_KEY"
 LLM = "llm"
 
 
@@ -344,7 +345,7 @@ class Service:
         )
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        resp, _ = await self.upstream.forward(request, await request.read(), credentials(request))
+        resp, _ = await self.upstream.forward(request, await request.read())
         return resp
 
     async def drain(self) -> None:
@@ -365,29 +366,26 @@ def _attempt(answer: Answer) -> SpecialistAttempt:
     )
 
 
-def credentials(request: web.Request) -> dict[str, str]:
-    """SLMIFY_UPSTREAM_API_KEY as a bearer token, for a request that carries no key."""
-    key = os.environ.get(API_KEY_ENV)
-    if not key or "authorization" in request.headers or "api-key" in request.headers:
-        return {}
-    return {"Authorization": f"Bearer {key}"}
-
-
 # -- the server ---------------------------------------------------------------------------
 
 
-def make_app(service: Service) -> web.Application:
+def make_app(service: Service, guard: Guard | None = None) -> web.Application:
+    """The server's routes behind `guard` (by default: loopback names, keys from the
+    environment)."""
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await service.upstream.open()
         yield
         await service.drain()
         await service.upstream.close()
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    guard = guard or configure()
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[guard.middleware])
     app.router.add_post("/v1/chat/completions", service.chat)
     app.router.add_get("/v1/models", service.models)
     app.router.add_get("/health", service.health)
-    app.router.add_route("*", "/v1/{tail:.*}", service.passthrough)
+    for path in PASSTHROUGH_POSTS:
+        app.router.add_post(path, service.passthrough)
     app.cleanup_ctx.append(lifecycle)
     return app
 
@@ -434,6 +432,7 @@ def run_server(
     timeout_s: float,
     shadow_rate: float,
     announce: Callable[[str], None],
+    guard: Guard,
 ) -> dict[str, Any]:
     """Load the manifest's router and specialists and serve until SIGINT/SIGTERM, then
     finish the shadow answers and flush the writer; returns the summary counts."""
@@ -444,9 +443,10 @@ def run_server(
             f"slmify serve listening on {listen}: {len(service.promoted)} specialist(s), "
             f"fallback {redact_url(upstream_url)}, recording into {store.location} (Ctrl-C stops)"
         )
+        announce(guard.describe())
 
     try:
-        listen = asyncio.run(_serve(make_app(service), host, port, listening))
+        listen = asyncio.run(_serve(make_app(service, guard), host, port, listening))
     finally:
         service.writer.close()
     return {
@@ -456,4 +456,5 @@ def run_server(
         "answered_by": dict(service.answered),
         "reasons": dict(service.reasons),
         **service.writer.counts,
+        "rejected": dict(guard.rejected),
     }

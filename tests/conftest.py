@@ -35,6 +35,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _model_cache: Pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # The servers' keys (slmify.httpguard) come from the environment: not the developer's.
+    monkeypatch.delenv("SLMIFY_API_KEY", raising=False)
+    monkeypatch.delenv("SLMIFY_UPSTREAM_API_KEY", raising=False)
 
 
 def dataset(name: str) -> Path:

@@ -413,15 +413,23 @@ def test_shadow_mode_tries_a_specialist_the_gate_kept_on_the_llm(deployment, sto
 def test_upstream_credentials_pass_through_or_come_from_the_environment(
     deployment, store, tmp_path, monkeypatch
 ):
+    # The operator's key goes upstream only for a client holding a slmify key (see
+    # test_security for the attacks); without client keys, the client's own goes through.
     monkeypatch.setenv("SLMIFY_UPSTREAM_API_KEY", SECRET)
-    calls = deployment.replies[2:4]
+    monkeypatch.setenv("SLMIFY_API_KEY", "slm-client-key")
+    calls = deployment.replies[2:5]
     with running(deployment, store) as (url, fake):
-        post(url, [calls[0]["request"]])
-        post(url, [calls[1]["request"]], {"Authorization": "Bearer sk-client"})
+        [(refused, _, _)] = post(url, [calls[0]["request"]], {"Authorization": "Bearer sk-own"})
+        post(url, [calls[1]["request"]], {"Authorization": "Bearer slm-client-key"})
+    assert refused == 401 and len(fake.seen) == 1
     assert fake.seen[0]["Authorization"] == f"Bearer {SECRET}"
-    assert fake.seen[1]["Authorization"] == "Bearer sk-client"
+    monkeypatch.delenv("SLMIFY_API_KEY")
+    with running(deployment, store) as (url, fake):
+        post(url, [calls[2]["request"]], {"Authorization": "Bearer sk-client"})
+    assert fake.seen[0]["Authorization"] == "Bearer sk-client"
     assert store.count_calls() == 2
-    assert SECRET.encode() not in (tmp_path / "ws" / "calls.db").read_bytes()
+    db = (tmp_path / "ws" / "calls.db").read_bytes()
+    assert SECRET.encode() not in db and b"slm-client-key" not in db
 
 
 def test_a_request_naming_a_task_model_skips_the_router(deployment, store):
