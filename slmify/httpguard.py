@@ -105,7 +105,11 @@ class Guard:
         # An IP literal naming the very address the connection came in on involves no DNS:
         # a page can only send it from that origin, which is this server.
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        return bool(name) and bool(sockname) and name == str(sockname[0]).lower()
+        if not name or not sockname:
+            return False
+        ip = ipaddress.ip_address(str(sockname[0]).split("%", 1)[0])
+        # Bound to `::`, an IPv4 client comes in on ::ffff:a.b.c.d and says a.b.c.d.
+        return name == str(getattr(ip, "ipv4_mapped", None) or ip)
 
     def key_ok(self, request: web.Request) -> bool:
         presented = [request.headers.get("api-key", "")]

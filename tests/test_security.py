@@ -418,6 +418,14 @@ def test_allowed_hosts_add_names_and_the_bound_address_counts(store):
     assert got == [200, 200, 421]
 
 
+def test_the_ip_a_connection_came_in_on_names_the_server(store):
+    """No DNS is involved in an IP literal: a page can only send it from this origin."""
+    guard = Guard(hosts=frozenset({"api.example"}))  # not even the loopback names
+    with running("proxy", guard, store) as (port, _):
+        got = [post_chat(port, host=h)[0] for h in (f"127.0.0.1:{port}", "localhost", "127.0.0.2")]
+    assert got == [200, 421, 421]
+
+
 def test_the_names_a_bound_address_answers_to():
     loopback = {"localhost", "127.0.0.1", "::1"}
     assert bound_names("127.0.0.1") == bound_names("localhost") == bound_names("::1") == loopback
@@ -437,7 +445,7 @@ def test_the_names_a_bound_address_answers_to():
 # -- the command ----------------------------------------------------------------------------
 
 
-def test_cli_proxy_takes_a_key_file_and_allowed_hosts(tmp_path, monkeypatch):
+def test_cli_proxy_takes_a_key_file_and_allowed_hosts(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(CLIENT_KEY + "\n")
     llm = RecordingLLM()
@@ -451,15 +459,14 @@ def test_cli_proxy_takes_a_key_file_and_allowed_hosts(tmp_path, monkeypatch):
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         try:
-            line = proc.stderr.readline()
+            line, guard_line = proc.stderr.readline(), proc.stderr.readline()
             port = int(line.split()[4].rstrip(",").removesuffix("/v1").rsplit(":", 1)[1])
+            auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
             got = [
                 post_chat(port)[0],
-                post_chat(port, {"Authorization": f"Bearer {CLIENT_KEY}"})[0],
-                post_chat(port, {"Authorization": f"Bearer {CLIENT_KEY}"}, host="agents.example")[
-                    0
-                ],
-                post_chat(port, {"Authorization": f"Bearer {CLIENT_KEY}"}, host="evil.example")[0],
+                post_chat(port, auth)[0],
+                post_chat(port, auth, host="agents.example")[0],
+                post_chat(port, auth, host="evil.example")[0],
             ]
         finally:
             proc.send_signal(signal.SIGINT)
@@ -470,5 +477,8 @@ def test_cli_proxy_takes_a_key_file_and_allowed_hosts(tmp_path, monkeypatch):
     summary = json.loads(out)
     assert summary["recorded"] == 2
     assert summary["rejected"] == {"invalid_api_key": 1, "misdirected_host": 1}
-    assert "clients authenticate with 1 key(s); upstream key: SLMIFY_UPSTREAM_API_KEY" in err
-    assert CLIENT_KEY not in err + out and OPERATOR_KEY not in err + out
+    assert guard_line == (
+        "clients authenticate with 1 key(s); upstream key: SLMIFY_UPSTREAM_API_KEY; "
+        "Host: 127.0.0.1, ::1, agents.example, localhost\n"
+    )
+    assert all(k not in line + guard_line + err + out for k in (CLIENT_KEY, OPERATOR_KEY))
