@@ -54,10 +54,10 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from slmify.datasets import build_task_dataset
+    from slmify.datasets import build_task_dataset, tokenize_rows
     from slmify.models import TrainPlan, resolve_base
     from slmify.recipes import load_recipe
-    from slmify.train import _tokenized, lora_config, sft_config
+    from slmify.train import lora_config, sft_config
 
     recipe = load_recipe("cpu-smollm2-135m", [f"train.max_steps={steps}"])
     location = resolve_base(recipe.model.base)
@@ -68,7 +68,7 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
     if mode == "recipe":
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.bfloat16)
         model = get_peft_model(model, lora_config(recipe, model, 30))
-        train_ds, _ = _tokenized(rows["train"], tokenizer, recipe.dataset.max_length, None)
+        train_ds, _ = tokenize_rows(rows["train"], tokenizer, recipe.dataset.max_length, None)
         plan = TrainPlan("cpu", "bfloat16", 2, 4, ())
         args = sft_config(recipe, out / "ckpt", plan)
         args.save_strategy = "no"

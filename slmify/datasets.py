@@ -4,16 +4,19 @@ Reads a task's calls (CallRecords from the store) and writes, under
 WORKSPACE/specialists/<task id>/:
 - `pruning.json`: the prompt text removed because every call of the task repeats it (the
   system policy, the tool schemas), exactly, so eval and serving build the same input;
-- `splits.json`: the call ids of train / validation / test. Calls are split by session
-  (a call without one by its own id), by a hash, so it is deterministic; once recorded,
-  a test call stays in test on every later run and is never trained on;
-- `dataset/hf/` (`datasets` save_to_disk) and `dataset/{train,validation,test}.jsonl`:
+- `splits.json`: the call ids of train / validation / calibration / test. Calls are split
+  by session (a call without one by its own id), by a hash, so it is deterministic; once
+  recorded, a test or calibration call stays there on every later run and is never
+  trained on (calibration sets the confidence a specialist defers at);
+- `dataset/hf/` (`datasets` save_to_disk) and `dataset/<split>.jsonl`:
   rows of id, session, split, prompt, completion and their token counts.
 
 The prompt is the request rendered by the model's chat template with the generation
-prompt; the completion is the assistant's answer followed by the template's end-of-turn
-marker. Tool calls use one JSON convention whatever the template, which `parse_output`
-reads back (the evaluator and the serving router use it too):
+prompt, after pruning and the recipe's context policy (`dataset.context`: the last turns
+or tokens of a long conversation, tool results cut), both recorded in pruning.json; the
+completion is the assistant's answer followed by the template's end-of-turn marker.
+Tool calls use one JSON convention whatever the template, which `parse_output` reads back
+(the evaluator and the serving router use it too):
 
     <tool_call>{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}</tool_call>
 
@@ -33,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from slmify.recipes import DatasetConfig, PruneConfig
-from slmify.schema import CallRecord, ChatRequest, PromptPruning, message_text
+from slmify.schema import CallRecord, ChatRequest, ContextPolicy, PromptPruning, message_text
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "calibration", "test")
+FROZEN = ("test", "calibration")  # once a call is held out there, it stays there
 TOOLS_PREAMBLE = (
     "You can call these tools. To call one, answer with "
     '<tool_call>{"name": TOOL_NAME, "arguments": {...}}</tool_call>.\nTools:'
@@ -146,6 +150,7 @@ def build_prompt(tokenizer: Any, request: ChatRequest, pruning: PromptPruning) -
         and message_text(messages[0].get("content")) == pruning.system
     ):
         messages = messages[1:]
+    messages = apply_context(messages, pruning.context, tokenizer)
     specs = [t["function"] for t in request.tools or [] if "function" in t]
     specs = _pruned_tools(specs + list(request.functions or []), pruning)
     native = native_tools(tokenizer)
@@ -161,6 +166,48 @@ def build_prompt(tokenizer: Any, request: ChatRequest, pruning: PromptPruning) -
     return tokenizer.apply_chat_template(
         chat, tools=tools, tokenize=False, add_generation_prompt=True
     )
+
+
+def apply_context(
+    messages: list[dict[str, Any]], policy: ContextPolicy, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """The messages a specialist reads under `policy`: a leading system message, then the
+    last turns that the turn and token budgets allow (the last, the one the agent answers,
+    always), tool results cut to `tool_result_chars`. Tokens are those of each message's
+    text as rendered (tool calls in the convention), without the template's markers."""
+    head = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(head) :]
+    if policy.tool_result_chars is not None:
+        cut = policy.tool_result_chars
+        turns = [
+            {**m, "content": _cut(message_text(m.get("content")), cut)}
+            if m.get("role") in ("tool", "function")
+            else m
+            for m in turns
+        ]
+    keep = min(len(turns), policy.max_turns or len(turns))
+    if policy.max_tokens is not None:
+        total, fits = 0, 0
+        for m in reversed(turns[len(turns) - keep :]):
+            text = (
+                render_assistant(m)
+                if m.get("role") == "assistant"
+                else message_text(m.get("content"))
+            )
+            total += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if fits and total > policy.max_tokens:
+                break
+            fits += 1
+        keep = fits
+    return head + turns[len(turns) - keep :]
+
+
+def _cut(text: str, chars: int) -> str:
+    """Head and tail of a long tool result: JSON records often end with what the next call
+    needs (a user's `reservations` list comes last in tau-airline's user details)."""
+    if len(text) <= chars:
+        return text
+    return f"{text[: chars - chars // 2]} …[cut]… {text[len(text) - chars // 2 :]}"
 
 
 def _chat_messages(messages: list[dict[str, Any]], native: bool) -> list[dict[str, str]]:
@@ -200,8 +247,12 @@ def turn_end(tokenizer: Any) -> str:
 # -- pruning and splitting ----------------------------------------------------------------
 
 
-def find_pruning(calls: list[CallRecord], cfg: PruneConfig) -> PromptPruning:
-    """The system text and tool schemas that every call of the task repeats verbatim."""
+def find_pruning(
+    calls: list[CallRecord], cfg: PruneConfig, context: ContextPolicy | None = None
+) -> PromptPruning:
+    """The system text and tool schemas that every call of the task repeats verbatim, and
+    the context policy the task's prompts are built with."""
+    context = context or ContextPolicy()
     systems = {
         message_text(c.request.messages[0].get("content"))
         if c.request.messages and c.request.messages[0].get("role") == "system"
@@ -212,8 +263,10 @@ def find_pruning(calls: list[CallRecord], cfg: PruneConfig) -> PromptPruning:
     tool_sets = {json.dumps(c.offered_tools(), sort_keys=True) for c in calls}
     shared_tools = json.loads(next(iter(tool_sets))) if len(tool_sets) == 1 else []
     if cfg.tools == "keep" or not shared_tools:
-        return PromptPruning(system=system)
-    return PromptPruning(system=system, tools_action=cfg.tools, tools=calls[0].offered_tools())
+        return PromptPruning(system=system, context=context)
+    return PromptPruning(
+        system=system, tools_action=cfg.tools, tools=calls[0].offered_tools(), context=context
+    )
 
 
 def hash_unit(key: str) -> float:
@@ -222,23 +275,31 @@ def hash_unit(key: str) -> float:
 
 
 def split_of(call: CallRecord, cfg: DatasetConfig) -> str:
-    """train / validation / test by a hash of the session (else of the call id)."""
+    """The split a call belongs to by a hash of its session (else of its id): test, then
+    calibration, then validation, then train, by the recipe's fractions. The one rule: eval
+    and end-to-end replays call it to find held-out sessions, claimed by a task or not."""
     u = hash_unit(call.session_id or call.id)
-    if u < cfg.test_fraction:
-        return "test"
-    return "validation" if u < cfg.test_fraction + cfg.validation_fraction else "train"
+    for split, upto in (
+        ("test", cfg.test_fraction),
+        ("calibration", cfg.test_fraction + cfg.calibration_fraction),
+        ("validation", cfg.test_fraction + cfg.calibration_fraction + cfg.validation_fraction),
+    ):
+        if u < upto:
+            return split
+    return "train"
 
 
 def assign_splits(
     calls: list[CallRecord], cfg: DatasetConfig, splits_file: Path
 ) -> dict[str, list[str]]:
-    """Call ids per split; the test ids recorded in `splits_file` stay in test."""
-    frozen: set[str] = set()
+    """Call ids per split; ids recorded in `splits_file` as test or calibration stay there."""
+    frozen: dict[str, str] = {}
     if splits_file.exists():
-        frozen = set(json.loads(splits_file.read_text())["test"])
+        recorded = json.loads(splits_file.read_text())
+        frozen = {cid: s for s in FROZEN for cid in recorded.get(s, [])}
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     for c in calls:
-        splits["test" if c.id in frozen else split_of(c, cfg)].append(c.id)
+        splits[frozen.get(c.id) or split_of(c, cfg)].append(c.id)
     return splits
 
 
@@ -251,7 +312,7 @@ def build_task_dataset(
     """Render, split and write a task's dataset under `out`; returns rows per split."""
     from datasets import Dataset, DatasetDict
 
-    pruning = find_pruning(calls, cfg.prune)
+    pruning = find_pruning(calls, cfg.prune, cfg.context)
     splits = assign_splits(calls, cfg, out / "splits.json")
     split_by_id = {cid: s for s, ids in splits.items() for cid in ids}
     end = turn_end(tokenizer)
@@ -278,6 +339,7 @@ def build_task_dataset(
         "key": "session (call id when absent), sha256",
         "validation_fraction": cfg.validation_fraction,
         "test_fraction": cfg.test_fraction,
+        "calibration_fraction": cfg.calibration_fraction,
         **splits,
     }
     (out / "splits.json").write_text(json.dumps(split_record, indent=1))
@@ -290,3 +352,25 @@ def build_task_dataset(
         {s: Dataset.from_list(items, features=None) for s, items in rows.items() if items}
     ).save_to_disk(str(folder / "hf"))
     return rows
+
+
+def tokenize_rows(
+    rows: list[dict], tokenizer: Any, max_length: int, cap: int | None
+) -> tuple[Any, int]:
+    """input_ids + completion_mask (loss on the answer only), long examples left out;
+    returns the HF Dataset and how many rows were too long.
+
+    Prompt and completion are tokenized apart and joined, so the completion starts
+    exactly where the prompt ends (trl's own tokenization can merge tokens there).
+    A hash of the call id picks the capped subset, the same on every run.
+    """
+    from datasets import Dataset
+
+    fitting = [r for r in rows if r["prompt_tokens"] + r["completion_tokens"] <= max_length]
+    fitting.sort(key=lambda r: hash_unit(r["id"]))
+    items = []
+    for r in fitting[:cap]:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        items.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
+    return Dataset.from_list(items), len(rows) - len(fitting)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from slmify.errors import EXIT_BAD_CONFIG, SlmifyError
 from slmify.gate import EvalConfig
+from slmify.schema import ContextPolicy
 
 
 def shipped_recipes_dir() -> Path:
@@ -79,17 +80,30 @@ class DatasetConfig(_Section):
     min_calls: int = Field(30, ge=1)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    calibration_fraction: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Sessions held out, frozen like test, for calibrating the confidence a "
+        "specialist defers at; never trained on.",
+    )
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     max_length: int = Field(1024, ge=32)
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    context: ContextPolicy = Field(
+        default_factory=lambda: ContextPolicy(max_tokens=512, tool_result_chars=1000),
+        description="What a specialist reads of a long conversation (see ContextPolicy).",
+    )
 
     @model_validator(mode="after")
     def _room_for_training(self) -> DatasetConfig:
-        if self.validation_fraction + self.test_fraction >= 0.9:
+        held_out = self.validation_fraction + self.test_fraction + self.calibration_fraction
+        if held_out >= 0.9:
             raise ValueError(
-                "dataset.validation_fraction + dataset.test_fraction must stay below 0.9 so "
-                "that at least 10% of the sessions are left for training"
+                "dataset.validation_fraction + dataset.test_fraction + "
+                "dataset.calibration_fraction must stay below 0.9 so that at least 10% of "
+                "the sessions are left for training"
             )
         return self
 
@@ -130,7 +144,27 @@ class TrainConfig(_Section):
         "bf16, a CPU with avx512_bf16 or AMX), else float32. bfloat16 asked of a device "
         "without it trains in float32 and says so.",
     )
-    max_steps: int = Field(100, ge=1)
+    epochs: float = Field(
+        3.0, gt=0, description="Passes over the task's train split, within the caps below."
+    )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget per task for the training loop, its validation passes "
+        "included: the steps that fit are planned from the machine's measured speed, and "
+        "training stops when the time is up. None: no budget.",
+    )
+    max_steps: int | None = Field(None, ge=1, description="Optional cap on optimizer steps.")
+    eval_steps: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Validation loss and a checkpoint every N steps (the best one is the "
+        "adapter kept); auto: about 6 validation passes over the planned steps.",
+    )
+    patience: int | None = Field(
+        3,
+        ge=1,
+        description="Stop after this many validation passes without a lower loss; None: never.",
+    )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Examples per step; auto plans it from the machine."
     )
@@ -138,9 +172,17 @@ class TrainConfig(_Section):
     learning_rate: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     gradient_checkpointing: bool = False
-    save_steps: int = Field(25, ge=1)
     logging_steps: int = Field(5, ge=1)
     seed: int = 0
+
+
+class LabelConfig(_Section):
+    specialist: Literal["head", "lora"] = Field(
+        "head",
+        description="A task answered from a closed label set: a classification head on "
+        "sentence embeddings (seconds to train, milliseconds to answer, a probability per "
+        "label) or a LoRA adapter that generates the label.",
+    )
 
 
 class Recipe(_Section):
@@ -154,6 +196,7 @@ class Recipe(_Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
 
     @model_validator(mode="after")
     def _four_bit_needs_cuda_and_lora(self) -> Recipe:
@@ -242,3 +285,24 @@ def save_resolved(recipe: Recipe, path: Path) -> None:
     """The recipe as it ran (defaults and overrides filled in), beside its output."""
     header = f"# Resolved recipe {recipe.name!r}: defaults and --set overrides applied.\n"
     path.write_text(header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def read_recipe_sections(recipe_file: Path) -> tuple[EvalConfig, DatasetConfig]:
+    """The `eval:` and `dataset:` sections of the recipe the specialist was trained with.
+
+    Only those sections are validated: the whole recipe's checks (4-bit needs CUDA) are
+    about training and would refuse evaluating a GPU-trained adapter on a CPU.
+    """
+    try:
+        raw = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        sections = {name: raw.get(name) or {} for name in ("eval", "dataset")}
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise RecipeError(f"{recipe_file}: cannot read the recipe: {e}") from None
+    try:
+        cfg = EvalConfig.model_validate(sections["eval"])
+    except ValidationError as e:
+        raise RecipeError(f"{recipe_file}: eval: {describe_errors(e)}") from None
+    try:
+        return cfg, DatasetConfig.model_validate(sections["dataset"])
+    except ValidationError as e:
+        raise RecipeError(f"{recipe_file}: dataset: {describe_errors(e)}") from None

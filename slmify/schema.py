@@ -189,6 +189,27 @@ class TaskCluster(BaseModel):
 # -- S4/S5 train --------------------------------------------------------------------------
 
 
+class ContextPolicy(BaseModel):
+    """What a specialist reads of a long conversation, after the pruned system text and
+    tools: the last `max_turns` messages and/or the last messages that fit `max_tokens`
+    (counted from the end; the message the agent answers is always kept), with each tool
+    result cut to `tool_result_chars`. None everywhere: the whole conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int | None = Field(default=None, ge=1, description="Keep the last K messages.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep the last messages whose text fits N tokens (at least the last one).",
+    )
+    tool_result_chars: int | None = Field(
+        default=None,
+        ge=0,
+        description="Cut each tool result to its head and tail, M characters in all.",
+    )
+
+
 class PromptPruning(BaseModel):
     """`specialists/<task id>/pruning.json`: prompt text every call of the task repeats,
     removed before training; eval and serving apply the same to build the same input."""
@@ -204,6 +225,11 @@ class PromptPruning(BaseModel):
         default=None,
         description="The task's shared tool schemas (function specs) as offered; a request "
         "offering exactly these gets them compacted (no descriptions) or dropped.",
+    )
+    context: ContextPolicy = Field(
+        default_factory=ContextPolicy,
+        description="How much of a long conversation the specialist reads (the recipe's "
+        "dataset.context); absent in older files: all of it.",
     )
 
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slmify.datasets import build_task_dataset, hash_unit
+from slmify.budget import Bars, budget_callback, learning_curve, plan_steps, stop_reason, tokens_in
+from slmify.datasets import build_task_dataset, tokenize_rows
 from slmify.errors import SlmifyError
 from slmify.models import (
     ModelError,
@@ -131,7 +132,7 @@ def train_all(
         tokenizer.pad_token = tokenizer.eos_token
     # 2. One independent job per task.
     results = []
-    with _Bars(progress, len(tasks)) as bars:
+    with Bars(progress, len(tasks)) as bars:
         for task in tasks:
             out = ws.root / "specialists" / task.id
             out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,12 @@ def train_all(
                 "id"
             ]: f"base {m['base_validation_loss']:.3f} -> specialist {m['validation_loss']:.3f}"
             for r in results
-            if (m := r["metrics"])
+            if "base_validation_loss" in (m := r["metrics"])
+        },
+        "label_heads": {
+            r["id"]: f"validation accuracy {m['validation_accuracy']}"
+            for r in results
+            if r["kind"] == "label-head" and (m := r["metrics"])
         },
         "tasks": results,
     }
@@ -183,13 +189,27 @@ def train_task(
         return skipped(f"{len(calls)} calls, fewer than dataset.min_calls={cfg.min_calls}")
     save_resolved(recipe, out / "recipe.yaml")
     rows = build_task_dataset(calls, tokenizer, cfg, out)
+    if task.output_shape == "label" and recipe.label.specialist == "head":
+        from slmify.labelhead import train_head
+
+        ids = {s: {r["id"] for r in rows[s]} for s in ("train", "validation")}
+        metrics, why_not = train_head(task.id, calls, ids["train"], ids["validation"], out)
+        if why_not is None:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            return SpecialistResult(
+                id=task.id,
+                status="trained",
+                kind="label-head",
+                head=str(out / "head"),
+                metrics=metrics,
+            )
     longest = max(r["prompt_tokens"] + r["completion_tokens"] for s in rows.values() for r in s)
     if reason := screen_context(info, longest):
         return skipped(reason)
-    train_ds, train_long = _tokenized(
+    train_ds, train_long = tokenize_rows(
         rows["train"], tokenizer, cfg.max_length, cfg.max_train_examples
     )
-    val_ds, val_long = _tokenized(
+    val_ds, val_long = tokenize_rows(
         rows["validation"], tokenizer, cfg.max_length, cfg.max_eval_examples
     )
     if len(train_ds) == 0 or len(val_ds) == 0:
@@ -215,44 +235,28 @@ def train_task(
     )
 
 
-def _tokenized(
-    rows: list[dict], tokenizer: Any, max_length: int, cap: int | None
-) -> tuple[Any, int]:
-    """input_ids + completion_mask (loss on the answer only), long examples left out.
-
-    Prompt and completion are tokenized apart and joined, so the completion starts
-    exactly where the prompt ends (trl's own tokenization can merge tokens there).
-    A hash of the call id picks the capped subset, the same on every run.
-    """
-    from datasets import Dataset
-
-    fitting = [r for r in rows if r["prompt_tokens"] + r["completion_tokens"] <= max_length]
-    fitting.sort(key=lambda r: hash_unit(r["id"]))
-    items = []
-    for r in fitting[:cap]:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-        items.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
-    return Dataset.from_list(items), len(rows) - len(fitting)
-
-
 def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str, Any]:  # noqa: ANN001
-    """LoRA training with trl's SFTTrainer; base and adapter validation loss, speed, memory."""
+    """LoRA training with trl's SFTTrainer, epochs within the recipe's budget, stopping when
+    validation loss stops falling; the best checkpoint by validation loss is the adapter kept.
+    Returns base and adapter validation loss, learning curves, speed and memory."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import PrinterCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTTrainer
 
-    device = plan.device
+    t, device = recipe.train, plan.device
     model = load_for_training(info.path, recipe, plan)
     if recipe.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
+            model, use_gradient_checkpointing=t.gradient_checkpointing
         )
     model = get_peft_model(model, lora_config(recipe, model, info.layers))
     ckpt_dir = out / "checkpoints"
     resume = _resumable(ckpt_dir, out / "recipe.yaml")
-    callbacks = [bars.callback()] if bars is not None and bars.enabled else []
+    budget = budget_callback(t.max_minutes)
+    callbacks = [budget, *([bars.callback()] if bars is not None and bars.enabled else [])]
+    if t.patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(recipe, ckpt_dir, plan),
@@ -264,35 +268,68 @@ def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str
     # With tqdm off the Trainer prints its logs to stdout, which `--json` keeps for itself.
     trainer.remove_callback(PrinterCallback)
     with model.disable_adapter():  # the base model on exactly the same validation examples
+        start = time.perf_counter()
         base_loss = trainer.evaluate()["eval_loss"]
+        eval_s = time.perf_counter() - start
+    steps = plan_steps(
+        t, plan.batch_size, len(train_ds), tokens_in(val_ds), tokens_in(train_ds), eval_s
+    )
+    # The Trainer reads these when training starts; save and eval steps must coincide for
+    # the best checkpoint to be one that was evaluated.
+    trainer.args.max_steps = steps["steps"]
+    trainer.args.eval_steps = trainer.args.save_steps = steps["eval_steps"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
-    val_loss = trainer.evaluate()["eval_loss"]
+    state = trainer.state  # the best checkpoint is loaded: its loss is the adapter's
+    val_loss = (
+        state.best_metric if state.best_metric is not None else trainer.evaluate()["eval_loss"]
+    )
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    tokens = int(trainer.state.num_input_tokens_seen)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens, done = int(state.num_input_tokens_seen), state.global_step
+    curve = learning_curve(state.log_history, base_loss)
+    best = state.best_model_checkpoint
     return {
         "train_loss": output.training_loss,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_last": curve["train"][-1][1] if curve["train"] else None,
         "validation_loss": val_loss,
         "base_validation_loss": base_loss,
         "train_examples": len(train_ds),
         "validation_examples": len(val_ds),
-        "steps": trainer.state.global_step,
+        "steps": done,
+        "best_step": int(best.rsplit("-", 1)[1]) if best else done,
+        "epochs": round(done * plan.batch_size * t.grad_accum / len(train_ds), 2),
+        "stopped": stop_reason(budget, callbacks[-1], t, done, steps),
+        **{f"planned_{k}": v for k, v in steps.items()},
+        "s_per_step": budget.step_s(),
         "resumed_from": resume,
         "train_tokens": tokens,
         "tokens_per_s": tokens / wall if wall else None,
         "wall_s": wall,
+        "curve": curve,
         **peak_memory(device),
         "device": device,
         "dtype": plan.dtype,
         "plan": list(plan.notes),
+        "versions": library_versions(),
     }
+
+
+def library_versions() -> dict[str, str]:
+    """The versions an adapter was trained with, recorded beside it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "slmify"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def lora_config(recipe: Recipe, model: Any, layers: int) -> Any:
@@ -323,25 +360,33 @@ def lora_config(recipe: Recipe, model: Any, layers: int) -> Any:
 
 
 def sft_config(recipe: Recipe, output_dir: Path, plan: TrainPlan) -> Any:
+    """trl's SFTConfig for the recipe; `_fit` sets max_steps and eval/save steps once it
+    has measured the machine (`plan_steps`)."""
     from trl import SFTConfig
 
     t, device = recipe.train, plan.device
     return SFTConfig(
         output_dir=str(output_dir),
-        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
         per_device_train_batch_size=plan.batch_size,
         per_device_eval_batch_size=plan.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_ratio,  # below 1: a fraction of max_steps
+        warmup_steps=t.warmup_ratio,  # below 1: a fraction of the steps
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=device == "cuda" and (plan.dtype == "bfloat16" or recipe.quantization.load_in_4bit),
         use_cpu=device == "cpu",
         seed=t.seed,
         logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=1,
-        eval_strategy="no",
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=t.eval_steps if t.eval_steps != "auto" else 1,
+        save_steps=t.eval_steps if t.eval_steps != "auto" else 1,
+        save_total_limit=1,  # the Trainer keeps the best checkpoint besides the last
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to="none",
         disable_tqdm=True,
         completion_only_loss=True,
@@ -378,47 +423,3 @@ def peak_memory(device: str) -> dict[str, Any]:
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_memory_kind": "process peak RSS",
     }
-
-
-class _Bars:
-    """A rich progress bar over tasks and one over the current task's steps."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self) -> _Bars:
-        if self.enabled:
-            from rich.progress import Progress
-
-            self.progress = Progress(transient=False)
-            self.progress.start()
-            self.overall = self.progress.add_task("tasks", total=self.total)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-    def start(self, task_id: str) -> None:
-        if self.enabled:
-            self.current = self.progress.add_task(task_id, total=None)
-
-    def done(self) -> None:
-        if self.enabled:
-            task = next(t for t in self.progress.tasks if t.id == self.current)
-            total = task.total or 1
-            self.progress.update(self.current, completed=total, total=total)
-            self.progress.advance(self.overall)
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        bars = self
-
-        class StepBar(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-                bars.progress.update(
-                    bars.current, total=state.max_steps, completed=state.global_step
-                )
-
-        return StepBar()

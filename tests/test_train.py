@@ -14,9 +14,15 @@ from typer.testing import CliRunner
 
 from slmify.cli import app
 from slmify.collect import import_files
-from slmify.datasets import build_prompt, build_task_dataset, parse_output, render_assistant
+from slmify.datasets import (
+    build_prompt,
+    build_task_dataset,
+    parse_output,
+    render_assistant,
+    split_of,
+)
 from slmify.recipes import DatasetConfig
-from slmify.schema import CallRecord, PromptPruning
+from slmify.schema import CallRecord, ContextPolicy, PromptPruning, message_text
 from slmify.store import open_store
 from slmify.workspace import Workspace
 
@@ -128,6 +134,7 @@ def test_splits_by_session_pruning_recorded(
     assert not sessions["train"] & sessions["test"]
     assert not sessions["train"] & sessions["validation"]
     assert not sessions["validation"] & sessions["test"]
+    assert not sessions["calibration"] & (sessions["train"] | sessions["test"])
     assert all(sessions.values())
     # The shared airline policy and tool schemas are recorded exactly, and left out.
     pruning = PromptPruning.model_validate_json((tmp_path / "pruning.json").read_text())
@@ -144,9 +151,67 @@ def test_splits_by_session_pruning_recorded(
     # Written for eval and serving: the HF dataset and JSONL; the test split is frozen.
     assert (tmp_path / "dataset" / "hf" / "dataset_dict.json").exists()
     assert len((tmp_path / "dataset" / "test.jsonl").read_text().splitlines()) == len(rows["test"])
-    test_ids = set(json.loads((tmp_path / "splits.json").read_text())["test"])
-    rows2 = build_task_dataset(tau_calls, tokenizer, DatasetConfig(test_fraction=0.05), tmp_path)
-    assert {r["id"] for r in rows2["test"]} == test_ids
+    recorded = json.loads((tmp_path / "splits.json").read_text())
+    rows2 = build_task_dataset(
+        tau_calls,
+        tokenizer,
+        DatasetConfig(test_fraction=0.05, calibration_fraction=0.3),
+        tmp_path,
+    )
+    for frozen in ("test", "calibration"):
+        assert {r["id"] for r in rows2[frozen]} == set(recorded[frozen])
+
+
+def test_calibration_split_is_held_out_by_session(tau_calls: list[CallRecord]) -> None:
+    cfg = DatasetConfig(validation_fraction=0.2, test_fraction=0.2, calibration_fraction=0.2)
+    splits = {s: [] for s in ("train", "validation", "calibration", "test")}
+    for c in tau_calls:
+        splits[split_of(c, cfg)].append(c)
+    sessions = {s: {c.session_id for c in calls} for s, calls in splits.items()}
+    assert sum(len(c) for c in splits.values()) == len(tau_calls) and sessions["calibration"]
+    assert not sessions["calibration"] & (sessions["train"] | sessions["test"])
+    assert not sessions["calibration"] & sessions["validation"]
+    with pytest.raises(ValueError, match="calibration_fraction must stay below 0.9"):
+        DatasetConfig(validation_fraction=0.3, test_fraction=0.3, calibration_fraction=0.35)
+
+
+def test_context_policy_keeps_the_answered_turn(
+    tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    call = max(tau_calls, key=lambda c: len(c.request.messages))
+    messages = call.request.messages
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+
+    def text(m: dict) -> str:
+        return render_assistant(m) if m["role"] == "assistant" else message_text(m["content"])
+
+    last = text(messages[-1])
+    assert text(messages[-2]) and text(messages[-3])
+    two = build_prompt(tokenizer, call.request, PromptPruning(context=ContextPolicy(max_turns=2)))
+    assert first_user not in two and last[-200:] in two
+    assert text(messages[-2])[-100:] in two and text(messages[-3])[-100:] not in two
+    # A token budget smaller than the last turn still keeps it, and only it.
+    one = build_prompt(tokenizer, call.request, PromptPruning(context=ContextPolicy(max_tokens=1)))
+    assert last[-200:] in one and text(messages[-2])[-100:] not in one
+    # Tool results are cut to head and tail: the ids a record ends with survive.
+    result = next(m for m in messages if m["role"] == "tool" and len(m["content"]) > 400)
+    cut = build_prompt(
+        tokenizer, call.request, PromptPruning(context=ContextPolicy(tool_result_chars=100))
+    )
+    assert result["content"] not in cut
+    assert f"{result['content'][:50]} …[cut]… {result['content'][-50:]}" in cut
+    # The policy is recorded with the task, so eval and serve build the same prompt.
+    policy = ContextPolicy(max_tokens=64, tool_result_chars=200)
+    cfg = DatasetConfig(validation_fraction=0.2, test_fraction=0.2, context=policy)
+    rows = build_task_dataset(tau_calls, tokenizer, cfg, tmp_path)
+    pruning = PromptPruning.model_validate_json((tmp_path / "pruning.json").read_text())
+    assert pruning.context == policy
+    by_id = {c.id: c for c in tau_calls}
+    for row in rows["test"]:
+        assert row["prompt"] == build_prompt(tokenizer, by_id[row["id"]].request, pruning)
 
 
 def test_auto_dtype_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,9 +296,10 @@ def _tiny_args(model: Path, *extra: str) -> list[str]:
         "dataset.prune.tools=drop",
         "dataset.max_eval_examples=4",
         "train.max_steps=3",
+        "train.max_minutes=null",  # steps, not the machine's speed, decide a test's run
         "train.batch_size=2",
         "train.learning_rate=0.05",
-        "train.save_steps=2",
+        "train.eval_steps=2",
         "lora.last_layers=null",
         "train.dtype=float32",
         *extra,
@@ -298,6 +364,46 @@ def test_train_cli_changes_adapter_not_base(
             assert torch.equal(param, base[key]), name
 
 
+def _train_one(ws: Workspace, model: Path, *sets: str) -> dict[str, Any]:
+    args = ["train", "-w", str(ws.root), "--json", "--task", "t01-airline"]
+    result = CliRunner().invoke(app, [*args, *_tiny_args(model, *sets)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["tasks"][0]["metrics"]
+
+
+def test_budget_and_early_stop_keep_the_best_adapter(
+    tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import slmify.train
+
+    ws = _workspace(tau_calls, tmp_path / "ws")
+    # A learning rate this high makes validation loss climb after the first steps: training
+    # stops after `patience` passes without a lower loss, and the adapter is the best one.
+    m = _train_one(
+        ws,
+        tiny_model,
+        "train.learning_rate=3",
+        "train.eval_steps=1",
+        "train.patience=2",
+        "train.max_steps=30",
+    )
+    val = m["curve"]["validation"]
+    assert val[0] == [0, m["base_validation_loss"]] and len(val) == m["steps"] + 1
+    assert m["stopped"] == "early stop: no lower validation loss in 2 passes"
+    assert m["steps"] < 30 and m["steps"] - m["best_step"] == 2
+    assert m["validation_loss"] == min(loss for _, loss in val[1:]) == val[m["best_step"]][1]
+    assert [s for s, _ in m["curve"]["train"]] == list(range(4, m["steps"] + 1, 4))
+    assert set(m["versions"]) == {"torch", "transformers", "peft", "trl", "slmify"}
+    # A plan more optimistic than the machine: the deadline stops training, and the last
+    # step is validated, so the best adapter is chosen among every step trained.
+    optimistic = {"steps": 10_000, "eval_steps": 1_000, "why": "test", "s_per_step": 0.0}
+    monkeypatch.setattr(slmify.train, "plan_steps", lambda *a: optimistic)
+    m = _train_one(ws, tiny_model, "train.max_minutes=0.03", "train.patience=null")
+    assert m["stopped"] == "time budget: train.max_minutes=0.03 reached"
+    assert 0 < m["steps"] < 10_000 and m["curve"]["validation"][-1][0] == m["steps"]
+    assert m["wall_s"] < 0.03 * 60 + 5  # one validation pass and the save past the deadline
+
+
 def test_interrupted_training_resumes(
     tau_calls: list[CallRecord], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -352,7 +458,7 @@ def test_real_smollm2_trains_a_few_steps(tau_calls: list[CallRecord], tmp_path: 
         "dataset.max_train_examples=4",
         "dataset.max_eval_examples=2",
         "dataset.validation_fraction=0.2",
-        "train.save_steps=2",
+        "train.eval_steps=2",
     ]
     result = CliRunner().invoke(
         app,

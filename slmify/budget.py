@@ -1,0 +1,143 @@
+"""How long a task trains: the steps planned for the recipe's budget on this machine, the
+callback that holds training to it, why training stopped, the learning curve, and the
+progress bars over tasks and steps.
+
+Reads the recipe's `train:` section and the validation pass `slmify.train` has just timed;
+writes nothing (train.py records the plan, the stop reason and the measured seconds per
+step in metrics.json).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+
+def tokens_in(ds: Any) -> int:
+    return sum(len(ids) for ids in ds["input_ids"])
+
+
+def plan_steps(
+    t: Any, batch: int, examples: int, val_tokens: int, train_tokens: int, eval_s: float
+) -> dict[str, Any]:
+    """Optimizer steps and the validation interval: epochs over the train split, capped by
+    max_steps and by the steps that fit max_minutes.
+
+    A step's time is planned from the validation pass just measured: forward time per
+    token, times 3 for the backward pass (the usual 1:2 split), times a step's tokens;
+    each validation pass costs what the measured one did. The Budget callback still stops
+    at the deadline if the estimate was optimistic; the learning-rate schedule decays over
+    the planned steps, so a good estimate ends training with the rate near zero.
+    """
+    per_step = batch * t.grad_accum
+    steps = max(1, math.ceil(t.epochs * math.ceil(examples / per_step)))
+    why = f"{t.epochs:g} epochs of {examples} examples"
+    step_s = 3 * eval_s / max(1, val_tokens) * train_tokens / examples * per_step
+    if t.max_steps and t.max_steps < steps:
+        steps, why = t.max_steps, f"train.max_steps={t.max_steps}"
+    passes = 6  # validation passes when eval_steps is auto: enough to see the curve turn
+    if t.max_minutes:
+        evals = passes if t.eval_steps == "auto" else steps / t.eval_steps
+        fit = int((t.max_minutes * 60 - evals * eval_s) / step_s)
+        if fit < steps:
+            steps = max(1, fit)
+            why = f"train.max_minutes={t.max_minutes:g} at ~{step_s:.2f} s/step"
+    every = t.eval_steps if t.eval_steps != "auto" else max(1, math.ceil(steps / passes))
+    return {"steps": steps, "eval_steps": every, "why": why, "s_per_step": round(step_s, 3)}
+
+
+def stop_reason(budget: Any, early: Any, t: Any, done: int, steps: dict) -> str:
+    from transformers import EarlyStoppingCallback
+
+    if budget.stopped:
+        return f"time budget: train.max_minutes={t.max_minutes:g} reached"
+    if isinstance(early, EarlyStoppingCallback) and done < steps["steps"]:
+        return f"early stop: no lower validation loss in {t.patience} passes"
+    return f"planned steps done ({steps['why']})"
+
+
+def budget_callback(minutes: float | None) -> Any:
+    """A TrainerCallback that stops training when the next step would pass the deadline,
+    and always validates and checkpoints the last step (so the best checkpoint, which
+    `load_best_model_at_end` keeps, is chosen among every step trained)."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds = minutes * 60 if minutes else None
+            self.stopped, self.steps, self.start = False, 0, time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            self.start, self.steps = time.perf_counter(), 0
+
+        def step_s(self) -> float | None:
+            """Measured seconds per step, validation passes included."""
+            if not self.steps:
+                return None
+            return round((time.perf_counter() - self.start) / self.steps, 3)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            self.steps += 1
+            elapsed = time.perf_counter() - self.start
+            late = self.seconds is not None and elapsed * (1 + 1 / self.steps) > self.seconds
+            if late and state.global_step < state.max_steps:
+                self.stopped = control.should_training_stop = True
+            if late or state.global_step >= state.max_steps:
+                control.should_evaluate = control.should_save = True
+
+    return Budget()
+
+
+def learning_curve(log_history: list[dict], base_loss: float) -> dict[str, list[list[float]]]:
+    """[step, loss] pairs: train loss per logging interval, validation loss per pass; step 0
+    is the base model's, which LoRA's zero-initialized B leaves unchanged."""
+    evals = [[h["step"], h["eval_loss"]] for h in log_history if "eval_loss" in h]
+    return {
+        "train": [[h["step"], h["loss"]] for h in log_history if "loss" in h],
+        "validation": [[0, base_loss], *(e for e in evals if e[0] > 0)],
+    }
+
+
+class Bars:
+    """A rich progress bar over tasks and one over the current task's steps."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self) -> Bars:
+        if self.enabled:
+            from rich.progress import Progress
+
+            self.progress = Progress(transient=False)
+            self.progress.start()
+            self.overall = self.progress.add_task("tasks", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def start(self, task_id: str) -> None:
+        if self.enabled:
+            self.current = self.progress.add_task(task_id, total=None)
+
+    def done(self) -> None:
+        if self.enabled:
+            task = next(t for t in self.progress.tasks if t.id == self.current)
+            total = task.total or 1
+            self.progress.update(self.current, completed=total, total=total)
+            self.progress.advance(self.overall)
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        bars = self
+
+        class StepBar(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+                bars.progress.update(
+                    bars.current, total=state.max_steps, completed=state.global_step
+                )
+
+        return StepBar()
