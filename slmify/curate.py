@@ -9,13 +9,17 @@ counts what was replaced by type and by field.
 
 Incremental and idempotent: a run curates only calls with no curation yet, finds
 duplicates against every call already curated, and a second run changes nothing.
-Placeholders are consistent per session (`session_id`, else the call id): a later run
-numbers a session's new values after the ones it already used.
+Placeholders are consistent per session (`session_id`, else the call id), across runs
+too: each value's placeholder is stored under an HMAC of the value (key: `scrub.key` in the
+workspace, made at the first run), in the transaction of the chunk that introduced it, so
+an incremental or interrupted run gives the value the same placeholder. Values are never
+stored, only their keyed hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from collections import Counter
@@ -63,10 +67,12 @@ def masked_hash(rec: CallRecord) -> str:
 class _Run:
     """One curation run: its scopes, the duplicate keys seen, and the audit counts."""
 
-    def __init__(self, store: Store, keep_raw: bool):
+    def __init__(self, store: Store, keep_raw: bool, key: bytes):
         self.store = store
+        self.key = key
         self.keep_raw = keep_raw
         self.scopes: dict[str, Scrubber] = {}
+        self.scope_hashes: dict[str, str] = {}
         # The first call (by seq) of each masked hash, over everything already curated.
         self.first: dict[str, str] = {}
         for key, call_id in store.execute(
@@ -81,15 +87,27 @@ class _Run:
     def scrubber(self, rec: CallRecord) -> Scrubber:
         scope = f"session:{rec.session_id}" if rec.session_id is not None else f"call:{rec.id}"
         if scope not in self.scopes:
-            start = {}
+            start: dict[str, int] = {}
+            # The scope is stored hashed too: a session id can be an email.
+            scope_hash = hmac.new(self.key, scope.encode(), hashlib.sha256).hexdigest()[:32]
+            known = self.store.placeholders(scope_hash)
             if rec.session_id is not None:
                 done = self.store.execute(
                     "SELECT record FROM calls WHERE session_id = ? AND curation IS NOT NULL",
                     (rec.session_id,),
                 ).fetchall()
-                start = highest_placeholders([row[0] for row in done])
-            self.scopes[scope] = Scrubber(start)
+                start = highest_placeholders([row[0] for row in done] + list(known.values()))
+            self.scopes[scope] = Scrubber(start, key=self.key, known=known)
+            self.scope_hashes[scope] = scope_hash
         return self.scopes[scope]
+
+    def new_placeholders(self) -> list[tuple[str, str, str]]:
+        """(scope hash, value hash, placeholder) assigned since the last call."""
+        rows = []
+        for scope, scrubber in self.scopes.items():
+            rows += [(self.scope_hashes[scope], h, p) for h, p in scrubber.assigned.items()]
+            scrubber.assigned.clear()
+        return rows
 
     def curate(self, rec: CallRecord) -> tuple[CallRecord, Curation, CallRecord | None]:
         scrubber = self.scrubber(rec)
@@ -144,7 +162,7 @@ def curate_store(
     """Curate every call not curated yet; returns the audit summary (also written to
     `report_path` when anything was curated)."""
     t0 = time.perf_counter()
-    run = _Run(store, keep_raw)
+    run = _Run(store, keep_raw, workspace_key(report_path.parent / "scrub.key"))
     pending = store.execute("SELECT COUNT(*) FROM calls WHERE curation IS NULL").fetchone()[0]
     bar = _progress(pending) if progress and pending else None
     last_seq = 0
@@ -159,7 +177,8 @@ def curate_store(
         if not rows:
             break
         last_seq = rows[-1][0]
-        store.save_curation([run.curate(CallRecord.model_validate_json(r)) for _, r in rows])
+        updates = [run.curate(CallRecord.model_validate_json(r)) for _, r in rows]
+        store.save_curation(updates, run.new_placeholders())
         if bar is not None:
             bar.advance(bar.task_ids[0], len(rows))
     if bar is not None:
@@ -169,6 +188,25 @@ def curate_store(
         report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         summary["report"] = str(report_path)
     return summary
+
+
+def workspace_key(path: Path) -> bytes:
+    """The workspace's secret for keyed value hashes: 32 random bytes, made once (0600)."""
+    import os
+    import secrets
+
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a concurrent first run keeps its own
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return bytes.fromhex(path.read_text().strip())
 
 
 def _progress(total: int):  # noqa: ANN202

@@ -14,6 +14,8 @@ prices, last-4 card digits must survive) while a checksum costs nothing.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -53,10 +55,12 @@ def _card(value: str) -> str | None:
 
 
 def _iban(value: str) -> str | None:
-    iban = value.replace(" ", "")
+    iban = value.replace(" ", "").upper()
     if not 15 <= len(iban) <= 34:
         return None
     moved = iban[4:] + iban[:4]
+    if not moved.isalnum() or not moved.isascii():
+        return None
     number = "".join(str(int(ch, 36)) for ch in moved)
     return iban if int(number) % 97 == 1 else None
 
@@ -97,30 +101,104 @@ def _after(chars: str) -> str:
 
 _H = r"[0-9A-Fa-f]"
 
+
 # (type, pattern with the replaced part in group `v`, validator returning the
 # normalized value or None). Order is priority where two could start at one position.
+def _national_phone(value: str) -> str | None:
+    """A national number written the way its country groups it (leading trunk 0, or an
+    Indian mobile's 5+5): 9 to 12 digits."""
+    digits = re.sub(r"\D", "", value)
+    return digits if 9 <= len(digits) <= 12 else None
+
+
+def _ssn(value: str) -> str | None:
+    digits = re.sub(r"\D", "", value)
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+        return None
+    return digits
+
+
+def _aws_secret(value: str) -> str | None:
+    # 40 characters of base64 with both cases and a digit: a lower-case hex digest (a git
+    # sha, a content hash) has no upper case and is left alone.
+    has = (any(c.isupper() for c in value), any(c.islower() for c in value))
+    return value if all(has) and any(c.isdigit() for c in value) else None
+
+
+_AFTER_DIGIT = r"(?![\w-]|\.\d)"
+
+# (type, pattern with the replaced part in group `v`, validator returning the
+# normalized value or None). Order is priority where two could start at one position.
+# A JSON key (quoted, possibly escaped inside JSON text) whose string value is PII by its
+# name: tool results carry names, street addresses and birth dates this way (tau-airline's
+# get_user_details). Free-text names and addresses are not detected (see the README).
+KEYED = {
+    "NAME": r"(?:first|last|middle|full|given|family|passenger|customer|holder)_?name",
+    "ADDRESS": r"address_?(?:line_?)?[12]?|street(?:_?address)?",
+    "DOB": r"dob|date_?of_?birth|birth_?date|birthday",
+}
+
+
+def _keyed(kind: str) -> str:
+    return (
+        rf"(?i:\\?\"(?:{KEYED[kind]})\\?\"\s*:\s*\\?\")"
+        r"(?P<v>[^\"\\<>]{1,120}?)(?=\\?\")"
+    )
+
+
+_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.?"
+
 DETECTORS: list[tuple[str, str, Callable[[str], str | None] | None]] = [
+    ("NAME", _keyed("NAME"), str.lower),
+    ("ADDRESS", _keyed("ADDRESS"), str.lower),
+    ("DOB", _keyed("DOB"), None),
+    (
+        "DOB",
+        r"(?i:\b(?:dob|date of birth|birth ?date|birthday|born on|born)\b)\s*(?:is\s+|:\s*)?"
+        rf"(?P<v>\d{{4}}-\d\d-\d\d|\d{{1,2}}[/.]\d{{1,2}}[/.]\d{{2,4}}|{_MONTH} \d{{1,2}},? \d{{4}}"
+        rf"|\d{{1,2}} {_MONTH},? \d{{4}})",
+        None,
+    ),
     ("BEARER_TOKEN", r"(?i:\bbearer)\s+(?P<v>[A-Za-z0-9._~+/-]{16,}=*)", None),
+    # A password in a URL's user-info (`postgres://app:pw@10.0.0.5/db`): only the password.
+    ("PASSWORD", r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"'<>]+:(?P<v>[^\s@/\"'<>]+)@", None),
+    ("JWT", _B + r"(?P<v>eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,})", None),
     ("API_KEY", _B + r"(?P<v>sk-(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,})", None),
     ("API_KEY", _B + r"(?P<v>(?:AKIA|ASIA)[0-9A-Z]{16})\b", None),
     ("API_KEY", _B + r"(?P<v>gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})", None),
     ("API_KEY", _B + r"(?P<v>xox[abposr]-[A-Za-z0-9-]{10,})", None),
+    ("API_KEY", _B + r"(?P<v>[sr]k_(?:live|test)_[0-9A-Za-z]{16,})", None),  # Stripe
+    ("API_KEY", _B + r"(?P<v>AIza[0-9A-Za-z_-]{35})(?![\w-])", None),  # Google
     (
         "SECRET",
-        r"(?i:\b(?:api[_-]?key|secret(?:[_-]?key)?|client[_-]?secret|access[_-]?token"
-        r"|auth[_-]?token|password|passwd))\\?[\"']?\s*[:=]\s*\\?[\"']?"
+        r"(?i:\b(?:api[_-]?key|(?:aws[_-]?)?secret(?:[_-]?access)?(?:[_-]?key)?|client[_-]?secret"
+        r"|access[_-]?token|auth[_-]?token|password|passwd|pwd))\\?[\"']?\s*[:=]\s*\\?[\"']?"
         r"(?P<v>[^\s\"'\\&,;<>{}\[\]()]{8,})",
         _secret,
     ),
+    ("SECRET", r"(?<![A-Za-z0-9/+=])(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", _aws_secret),
     (
         "EMAIL",
-        _after(r"\w.%+-") + r"(?P<v>[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-        r"\.[A-Za-z]{2,})\b",
+        # \w is Unicode: `jörg.müller@beispiel.de`, `josé@exämple.com`.
+        _after(r"\w.%+-") + r"(?P<v>\w[\w.%+-]*@\w[\w-]*(?:\.[\w-]+)*\.(?:[^\W\d_]{2,}))\b",
         str.lower,
     ),
-    ("IBAN", _B + r"(?P<v>[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)\b", _iban),
-    ("CARD", _after(r"\w.-") + r"(?P<v>\d(?:[ -]?\d){12,18})(?![\w-]|\.\d)", _card),
-    ("SSN", _after(r"\w-") + r"(?P<v>(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4})(?![\w-])", None),
+    (
+        "IBAN",
+        _B + r"(?P<v>[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,3})?)\b",
+        _iban,
+    ),
+    ("CARD", _after(r"\w.-") + r"(?P<v>\d(?:[ -]?\d){12,18})" + _AFTER_DIGIT, _card),
+    ("SSN", _after(r"\w-") + r"(?P<v>\d{3}(?P<ssep>[- ])\d{2}(?P=ssep)\d{4})(?![\w-])", _ssn),
+    # Nine bare digits are an SSN only where the text says so: elsewhere they are order
+    # numbers and ids.
+    (
+        "SSN",
+        r"(?i:\b(?:ssn|social[ -]security(?:[ -]n(?:o|umber))?)\b)[\s:#.=\"'\\]{0,6}"
+        r"(?:is\s+|n(?:o|umber)\.?\s*)?(?P<v>\d{9})(?!\d)",
+        _ssn,
+    ),
     ("IP", _after(r"\w.") + rf"(?P<v>(?:{_OCTET}\.){{3}}{_OCTET})(?!\w|\.\d)", None),
     ("IP", _after(r"\w:.") + rf"(?P<v>{_H}{{0,4}}(?::{_H}{{0,4}}){{2,7}})(?![\w:])", _ipv6),
     (
@@ -129,8 +207,19 @@ DETECTORS: list[tuple[str, str, Callable[[str], str | None] | None]] = [
         # of digits, a date (2024-05-15) or a time (15:00:00) has neither shape.
         _after(r"\w+/.-") + r"(?P<v>\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?"
         r"\d{1,4}(?:[ .-]?\d{1,4}){1,5}"
-        r"|(?:1[ .-]?)?(?:\([2-9]\d\d\) ?|[2-9]\d\d[-. ])[2-9]\d\d[-. ]\d{4})(?![\w-]|\.\d)",
+        r"|(?:1[ .-]?)?(?:\([2-9]\d\d\) ?|[2-9]\d\d[-. ])[2-9]\d\d[-. ]\d{4})" + _AFTER_DIGIT,
         _phone,
+    ),
+    (
+        "PHONE",
+        # National formats, separators required: FR 01 23 45 67 89 (pairs, one separator),
+        # UK 020 7946 0958 / 07700 900123, DE 030 12345678 / 0171-1234567 / 089/1234567,
+        # IN 98765 43210 (optionally 0 or 91 first).
+        _after(r"\w+/.-") + r"(?P<v>0[1-9](?P<psep>[ .])\d\d(?:(?P=psep)\d\d){3}"
+        r"|0\d{2,4} \d{3,4}(?: \d{3,4})?"
+        r"|0\d{2,4}[/-]\d{5,8}|0\d{2,4} \d{5,8}"
+        r"|(?:(?:0|91)[ -]?)?[6-9]\d{4}[ -]\d{5})" + _AFTER_DIGIT,
+        _national_phone,
     ),
 ]
 
@@ -172,11 +261,21 @@ class Scrubber:
     """Replaces PII with placeholders consistent within one scope (a session).
 
     `start` gives the highest number already used per type in this scope (by an earlier
-    run), so new placeholders never reuse one that means another value.
+    run), so new placeholders never reuse one that means another value; `known` maps the
+    keyed hashes (`value_hash`) of values an earlier run replaced to their placeholders, so
+    an incremental or interrupted run gives a value the placeholder it already has.
     """
 
-    def __init__(self, start: dict[str, int] | None = None):
+    def __init__(
+        self,
+        start: dict[str, int] | None = None,
+        key: bytes = b"",
+        known: dict[str, str] | None = None,
+    ):
         self._numbers: Counter[str] = Counter(start or {})
+        self._key = key
+        self._known = known or {}  # value hash -> placeholder, from earlier runs
+        self.assigned: dict[str, str] = {}  # value hash -> placeholder, new in this run
         self._placeholders: dict[tuple[str, str], str] = {}
         self._seen: dict[str, tuple[str, Counter[str]]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()  # (field, type) -> replaced
@@ -196,16 +295,31 @@ class Scrubber:
     def _replace(self, text: str) -> tuple[str, Counter[str]]:
         pieces, types, pos = [], Counter(), 0
         for kind, key, start, end in find_pii(text):
-            placeholder = self._placeholders.get((kind, key))
-            if placeholder is None:
-                self._numbers[kind] += 1
-                placeholder = f"<{kind}_{self._numbers[kind]}>"
-                self._placeholders[kind, key] = placeholder
-            pieces += [text[pos:start], placeholder]
+            pieces += [text[pos:start], self._placeholder(kind, key)]
             types[kind] += 1
             pos = end
         pieces.append(text[pos:])
         return "".join(pieces), types
+
+    def _placeholder(self, kind: str, key: str) -> str:
+        """The placeholder of a value: the scope's own, one an earlier run gave it (found by
+        its keyed hash), else the next number of its type."""
+        placeholder = self._placeholders.get((kind, key))
+        if placeholder is None:
+            digest = self.value_hash(kind, key) if self._key else None
+            placeholder = self._known.get(digest) if digest else None
+            if placeholder is None:
+                self._numbers[kind] += 1
+                placeholder = f"<{kind}_{self._numbers[kind]}>"
+                if digest:
+                    self.assigned[digest] = placeholder
+            self._placeholders[kind, key] = placeholder
+        return placeholder
+
+    def value_hash(self, kind: str, key: str) -> str:
+        """HMAC-SHA256 of a normalized value under the workspace key: what is stored to
+        find a value's placeholder again, the value itself never is."""
+        return hmac.new(self._key, f"{kind}\0{key}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def json_text(self, text: str, field: str) -> str:
         """Scrub a JSON document's string values, keeping it valid JSON."""
@@ -219,25 +333,38 @@ class Scrubber:
         compact = ", " not in text and ": " not in text
         return json.dumps(clean, ensure_ascii=False, separators=(",", ":") if compact else None)
 
-    def _walk(self, value: Any, field: str) -> Any:
+    def _walk(self, value: Any, field: str, key: str | None = None) -> Any:
         if isinstance(value, str):
+            kind = _keyed_kind(key) if key else None
+            if kind and value.strip():
+                self.counts[field, kind] += 1
+                return self._placeholder(kind, value.strip().lower())
             return self.text(value, field)
         if isinstance(value, list):
-            return [self._walk(v, field) for v in value]
+            return [self._walk(v, field, key) for v in value]
         if isinstance(value, dict):
-            return {k: self._walk(v, field) for k, v in value.items()}
+            return {k: self._walk(v, field, k) for k, v in value.items()}
         return value
 
     def record(self, rec: CallRecord) -> CallRecord:
-        """A scrubbed copy of `rec`: message contents, tool-call arguments, response."""
+        """A scrubbed copy of `rec`: every free-text field an agent or a user can fill."""
         # A JSON round trip in pydantic-core is ~10x faster than `model_copy(deep=True)`.
         out = CallRecord.model_validate_json(rec.model_dump_json())
+        if out.session_id is not None:
+            out.session_id = self.text(out.session_id, "session_id")
         for msg in out.request.messages:
             self._message(msg, "request.messages")
         if out.response is not None:
             self._message(out.response.message, "response")
         if out.error:
             out.error = self.text(out.error, "error")
+        # `user`, `metadata` and the rest of the parameters; tool descriptions and examples.
+        out.request.params = self._walk(out.request.params, "request.params")
+        if out.request.tools:
+            out.request.tools = self._walk(out.request.tools, "request.tools")
+        if out.request.functions:
+            out.request.functions = self._walk(out.request.functions, "request.functions")
+        out.metadata = self._walk(out.metadata, "metadata")
         return out
 
     def _message(self, msg: dict[str, Any], field: str) -> None:
@@ -246,8 +373,21 @@ class Scrubber:
             msg["content"] = self.text(content, f"{field}.content")
         elif isinstance(content, list):
             for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                if not isinstance(part, dict):
+                    continue
+                if isinstance(part.get("text"), str):
                     part["text"] = self.text(part["text"], f"{field}.content")
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                # A data: URL is the image itself (base64), not text that names anyone.
+                if isinstance(url, str) and not url.startswith("data:"):
+                    clean = self.text(url, f"{field}.image_url")
+                    if isinstance(image, dict):
+                        image["url"] = clean
+                    else:
+                        part["image_url"] = clean
+        if isinstance(msg.get("refusal"), str):
+            msg["refusal"] = self.text(msg["refusal"], f"{field}.refusal")
         for call in msg.get("tool_calls") or []:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
@@ -255,6 +395,13 @@ class Scrubber:
         fc = msg.get("function_call")
         if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
             fc["arguments"] = self.json_text(fc["arguments"], f"{field}.function_call.arguments")
+
+
+def _keyed_kind(key: str) -> str | None:
+    for kind, pattern in KEYED.items():
+        if re.fullmatch(pattern, key, re.IGNORECASE):
+            return kind
+    return None
 
 
 def highest_placeholders(texts: list[str]) -> dict[str, int]:

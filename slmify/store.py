@@ -74,6 +74,20 @@ def m002_embeddings(dialect: str) -> list[str]:
     ]
 
 
+@migration
+def m003_placeholders(dialect: str) -> list[str]:
+    # Which placeholder a value got in a session, by keyed hashes (slmify.scrub): curation
+    # runs that resume or add calls give a value the same placeholder. No value is stored.
+    return [
+        """CREATE TABLE placeholders (
+            scope TEXT NOT NULL,
+            value_hash TEXT NOT NULL,
+            placeholder TEXT NOT NULL,
+            PRIMARY KEY (scope, value_hash)
+        )"""
+    ]
+
+
 @dataclass
 class StoredCall:
     seq: int
@@ -330,8 +344,20 @@ class Store:
             Curation.model_validate_json(row[2]) if row[2] else None,
         )
 
-    def save_curation(self, updates: list[tuple[CallRecord, Curation, CallRecord | None]]) -> None:
-        """Store curated records: (scrubbed record, decision, raw record to keep or None).
+    def placeholders(self, scope: str) -> dict[str, str]:
+        """value hash -> placeholder already given in a (hashed) curation scope."""
+        rows = self.execute(
+            "SELECT value_hash, placeholder FROM placeholders WHERE scope = ?", (scope,)
+        ).fetchall()
+        return {h: p for h, p in rows}
+
+    def save_curation(
+        self,
+        updates: list[tuple[CallRecord, Curation, CallRecord | None]],
+        placeholders: list[tuple[str, str, str]] = (),
+    ) -> None:
+        """Store curated records: (scrubbed record, decision, raw record to keep or None),
+        and the (scope, value hash, placeholder) rows they introduced, in one transaction.
 
         `content_hash` becomes the decision's `masked_hash`, the key later runs find
         duplicates by; the hash of the raw call is not kept (see `Curation.masked_hash`).
@@ -355,6 +381,13 @@ class Store:
                     )
                     for rec, cur_, raw in updates
                 ],
+            )
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO placeholders (scope, value_hash, placeholder) VALUES (?, ?, ?)"
+                    " ON CONFLICT (scope, value_hash) DO NOTHING"
+                ),
+                list(placeholders),
             )
 
         self._transaction(write)
