@@ -1,18 +1,18 @@
-"""Training speed and memory: the CPU recipe vs trl's plain defaults, and prompt pruning.
+"""Training speed: the CPU recipe in `train.dtype: auto` against the other dtype, and pruning.
 
 Prints, for the same calls in the same run:
-1. training tokens/s and peak RSS of `recipes/cpu-smollm2-135m.yaml` (bf16, top-8-layer
-   LoRA, length-grouped batches, max_length 384) and of trl's SFTConfig defaults with
-   peft's LoraConfig defaults (float32 weights under trl's default bf16 autocast, r=8 on
-   q/v of every layer, batch 8, max_length 1024; only `use_cpu` set, without which they
-   refuse to start), each in its own process so each peak is its own; the data: the same
-   fireact calls (real ReAct QA steps) for both;
+1. training tokens/s and peak RSS of `recipes/cpu-smollm2-135m.yaml` with the dtype `auto`
+   picks on this machine (bfloat16 where the CPU has avx512_bf16 or AMX, else float32)
+   and with the other one, each in its own process so each peak is its own, a fixed
+   number of steps each (no time budget, no validation passes); the data: the same
+   fireact calls (real ReAct QA steps) for both. `--defaults` adds trl's SFTConfig
+   defaults with peft's LoraConfig defaults, as before;
 2. what prompt pruning saves on tau-airline (one ~1.3k-token policy + 14 tool schemas in
    every call): prompt tokens per example before and after, per pruning setting.
 
-Run: .venv/bin/python bench/bench_train.py [--steps 2] [--calls 300]
+Run: .venv/bin/python bench/bench_train.py [--steps 4] [--calls 300] [--defaults]
 Needs: ../shared/datasets (fireact, tau-airline); the embedded SmolLM2 (materialized on
-first use). Takes a few minutes on 2 cores.
+first use). Takes a few minutes on 2 cores (bf16 on a CPU without it: much longer).
 """
 
 from __future__ import annotations
@@ -55,23 +55,30 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from slmify.datasets import build_task_dataset, tokenize_rows
-    from slmify.models import TrainPlan, resolve_base
+    from slmify.models import describe_base, plan_training, resolve_base
     from slmify.recipes import load_recipe
     from slmify.train import lora_config, sft_config
 
-    recipe = load_recipe("cpu-smollm2-135m", [f"train.max_steps={steps}"])
-    location = resolve_base(recipe.model.base)
+    location = resolve_base("smollm2-135m")
+    info = describe_base("smollm2-135m", location, None)
+    auto_dtype = plan_training(info, load_recipe("cpu-smollm2-135m"), "cpu").dtype
+    dtype = {"auto": auto_dtype, "other": "float32" if auto_dtype == "bfloat16" else "bfloat16"}
+    recipe = load_recipe("cpu-smollm2-135m", [f"train.dtype={dtype.get(mode, 'float32')}"])
     tokenizer = AutoTokenizer.from_pretrained(location)
     records = [r for r in read_calls("fireact", 4, calls) if r.response is not None]
     out = Path(tempfile.mkdtemp(prefix=f"bench-train-{mode}-"))
     rows = build_task_dataset(records, tokenizer, recipe.dataset, out)
-    if mode == "recipe":
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.bfloat16)
-        model = get_peft_model(model, lora_config(recipe, model, 30))
+    torch.set_num_threads(plan_training(info, recipe, "cpu").threads)
+    if mode in ("auto", "other"):
+        # The dtype is forced here: plan_training would turn bf16 into float32 on a CPU
+        # without it, which is the point of auto but not of this comparison.
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype[mode]))
+        model = get_peft_model(model, lora_config(recipe, model, info.layers))
         train_ds, _ = tokenize_rows(rows["train"], tokenizer, recipe.dataset.max_length, None)
-        plan = TrainPlan("cpu", "bfloat16", 2, 4, ())
+        plan = plan_training(info, recipe, "cpu")
         args = sft_config(recipe, out / "ckpt", plan)
-        args.save_strategy = "no"
+        args.max_steps, args.save_strategy, args.eval_strategy = steps, "no", "no"
+        args.load_best_model_at_end = False
     else:  # what a user gets from trl and peft with no settings beyond the step count
         from datasets import Dataset
 
@@ -96,12 +103,14 @@ def run_one(mode: str, steps: int, calls: int) -> dict:
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "mode": mode,
+        "dtype": dtype.get(mode, "float32 (trl bf16 autocast)"),
+        "auto_picks": auto_dtype,
         "steps": steps,
         "examples": steps * args.per_device_train_batch_size,
         "tokens": tokens,
         "wall_s": round(wall, 1),
         "tokens_per_s": round(tokens / wall, 1),
-        "s_per_example": round(wall / (steps * args.per_device_train_batch_size), 2),
+        "s_per_step": round(wall / steps, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
@@ -140,35 +149,32 @@ def pruning_savings(calls: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--child", choices=["recipe", "defaults"])
+    parser.add_argument("--defaults", action="store_true", help="also trl's plain defaults")
+    parser.add_argument("--child", choices=["auto", "other", "defaults"])
     a = parser.parse_args()
     if a.child:
         print(json.dumps(run_one(a.child, a.steps, a.calls)))
         return
     print(f"== training, fireact sample, {a.steps} steps each, one process each ==")
-    results = []
-    for mode in ("recipe", "defaults"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            "--steps",
-            str(a.steps),
-            "--calls",
-            str(a.calls),
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]))
-    r, d = results
+    results = {}
+    for mode in ("auto", "other", *(("defaults",) if a.defaults else ())):
+        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(a.steps)]
+        done = subprocess.run([*cmd, "--calls", str(a.calls)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(done.stderr[-2000:])
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(results[mode]))
+    r, o = results["auto"], results["other"]
     print(
-        f"tokens/s: recipe {r['tokens_per_s']} vs trl defaults {d['tokens_per_s']} "
-        f"({r['tokens_per_s'] / d['tokens_per_s']:.1f}x); s/example: {r['s_per_example']} "
-        f"vs {d['s_per_example']}; peak RSS MB: {r['peak_rss_mb']} vs {d['peak_rss_mb']}"
+        f"tokens/s: auto ({r['dtype']}) {r['tokens_per_s']} vs {o['dtype']} {o['tokens_per_s']} "
+        f"({r['tokens_per_s'] / o['tokens_per_s']:.2f}x); s/step {r['s_per_step']} vs "
+        f"{o['s_per_step']}; peak RSS MB {r['peak_rss_mb']} vs {o['peak_rss_mb']}"
     )
+    if "defaults" in results:
+        d = results["defaults"]
+        print(f"trl defaults: {d['tokens_per_s']} tokens/s, peak RSS MB {d['peak_rss_mb']}")
     print("== prompt pruning, tau-airline sample (every 8th call) ==")
     rows = pruning_savings(a.calls)
     base = rows[0]["prompt_tokens_mean"]
