@@ -278,6 +278,9 @@ def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str
     # the best checkpoint to be one that was evaluated.
     trainer.args.max_steps = steps["steps"]
     trainer.args.eval_steps = trainer.args.save_steps = steps["eval_steps"]
+    # Rounded down: the Trainer rounds a fraction up, so a 1-step plan would be all warmup
+    # and train at a learning rate of zero.
+    trainer.args.warmup_steps = int(t.warmup_ratio * steps["steps"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -373,7 +376,7 @@ def sft_config(recipe: Recipe, output_dir: Path, plan: TrainPlan) -> Any:
         per_device_eval_batch_size=plan.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_ratio,  # below 1: a fraction of the steps
+        warmup_steps=0,  # set by _fit from the planned steps
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=device == "cuda" and (plan.dtype == "bfloat16" or recipe.quantization.load_in_4bit),
         use_cpu=device == "cpu",
