@@ -21,14 +21,14 @@ def tokens_in(ds: Any) -> int:
 def plan_steps(
     t: Any, batch: int, examples: int, val_tokens: int, train_tokens: int, eval_s: float
 ) -> dict[str, Any]:
-    """Optimizer steps and the validation interval: epochs over the train split, capped by
-    max_steps and by the steps that fit max_minutes.
+    """Optimizer steps (epochs over the train split, capped by max_steps), and the steps
+    expected to fit max_minutes, which set the validation interval and the warmup.
 
-    A step's time is planned from the validation pass just measured: forward time per
-    token, times 3 for the backward pass (the usual 1:2 split), times a step's tokens;
-    each validation pass costs what the measured one did. The Budget callback still stops
-    at the deadline if the estimate was optimistic; the learning-rate schedule decays over
-    the planned steps, so a good estimate ends training with the rate near zero.
+    A step's time is estimated from the validation pass just measured: forward time per
+    token, times 3 for the backward pass (the usual 1:2 split), times a step's tokens.
+    The estimate never shortens training itself: on a shared CPU one pass can be 4x off
+    (measured on 2 busy cores), so the deadline callback ends training, and the learning
+    rate stays constant after warmup when a budget is set, right wherever it stops.
     """
     per_step = batch * t.grad_accum
     steps = max(1, math.ceil(t.epochs * math.ceil(examples / per_step)))
@@ -37,14 +37,18 @@ def plan_steps(
     if t.max_steps and t.max_steps < steps:
         steps, why = t.max_steps, f"train.max_steps={t.max_steps}"
     passes = 6  # validation passes when eval_steps is auto: enough to see the curve turn
+    fit = steps
     if t.max_minutes:
-        evals = passes if t.eval_steps == "auto" else steps / t.eval_steps
-        fit = int((t.max_minutes * 60 - evals * eval_s) / step_s)
-        if fit < steps:
-            steps = max(1, fit)
-            why = f"train.max_minutes={t.max_minutes:g} at ~{step_s:.2f} s/step"
-    every = t.eval_steps if t.eval_steps != "auto" else max(1, math.ceil(steps / passes))
-    return {"steps": steps, "eval_steps": every, "why": why, "s_per_step": round(step_s, 3)}
+        fit = min(steps, max(1, int((t.max_minutes * 60 - passes * eval_s) / step_s)))
+    every = t.eval_steps if t.eval_steps != "auto" else max(1, math.ceil(fit / passes))
+    return {
+        "steps": steps,
+        "steps_in_budget": fit,
+        "eval_steps": every,
+        "warmup_steps": int(t.warmup_ratio * fit),  # rounded down: 1 step is never all warmup
+        "why": why,
+        "s_per_step": round(step_s, 3),
+    }
 
 
 def stop_reason(budget: Any, early: Any, t: Any, done: int, steps: dict) -> str:

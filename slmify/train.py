@@ -278,9 +278,7 @@ def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str
     # the best checkpoint to be one that was evaluated.
     trainer.args.max_steps = steps["steps"]
     trainer.args.eval_steps = trainer.args.save_steps = steps["eval_steps"]
-    # Rounded down: the Trainer rounds a fraction up, so a 1-step plan would be all warmup
-    # and train at a learning rate of zero.
-    trainer.args.warmup_steps = int(t.warmup_ratio * steps["steps"])
+    trainer.args.warmup_steps = steps["warmup_steps"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -377,6 +375,8 @@ def sft_config(recipe: Recipe, output_dir: Path, plan: TrainPlan) -> Any:
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         warmup_steps=0,  # set by _fit from the planned steps
+        # Under a time budget training may stop at any step: no decay that assumes an end.
+        lr_scheduler_type="constant_with_warmup" if t.max_minutes else "linear",
         gradient_checkpointing=t.gradient_checkpointing,
         bf16=device == "cuda" and (plan.dtype == "bfloat16" or recipe.quantization.load_in_4bit),
         use_cpu=device == "cpu",
