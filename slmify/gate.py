@@ -45,6 +45,13 @@ class EvalConfig(BaseModel):
         description="Also answer each test call with the base model alone, for comparison; "
         "false halves eval time. The gate never reads the base model's figures.",
     )
+    text_similarity: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Free text without a judge agrees when its similarity reaches this; "
+        "unset, free-text tasks stay on the LLM unless an LLM judge is given.",
+    )
     seed: int = 0
 
     @field_validator("thresholds")
@@ -139,3 +146,48 @@ def decide(specialist: Agreement, shape: OutputShape, cfg: EvalConfig) -> GateDe
         threshold=threshold,
         reason=f"{figures} < {shape} threshold {threshold:.2f}",
     )
+
+
+# -- calibrated deferral and the end-to-end gate ------------------------------------------
+
+
+def fit_threshold(
+    scored: list[tuple[float, bool]], target: float, confidence: float
+) -> tuple[float | None, int, int]:
+    """The lowest confidence threshold at which the one-sided lower bound (Wilson) of
+    agreement over the answers at or above it clears `target`.
+
+    `scored` holds (confidence, agreed) per answer. Returns the threshold (None when no
+    threshold clears the target), and how many answers are at or above it and agree.
+    """
+    ranked = sorted(scored, key=lambda s: -s[0])
+    best: tuple[float | None, int, int] = (None, 0, 0)
+    agreed = 0
+    for i, (conf, ok) in enumerate(ranked):
+        agreed += ok
+        # Ties: a threshold keeps every answer of equal confidence, so only the last of
+        # a run of equal confidences is a candidate.
+        if i + 1 < len(ranked) and ranked[i + 1][0] == conf:
+            continue
+        if wilson_bounds(agreed, i + 1, confidence)[0] >= target:
+            best = (conf, i + 1, agreed)
+    return best
+
+
+def decide_served(
+    served: Agreement | None, shape: OutputShape, cfg: EvalConfig, why_not: str | None
+) -> GateDecision:
+    """The gate on what the task's specialist served of the held-out test sessions."""
+    threshold = cfg.thresholds[shape]
+    if why_not is not None:
+        return GateDecision(status="llm", threshold=threshold, reason=why_not)
+    if served is None or served.n < cfg.min_test_calls:
+        n = served.n if served else 0
+        return GateDecision(
+            status="llm",
+            threshold=threshold,
+            reason=f"too few held-out calls served: {n} < min_test_calls {cfg.min_test_calls}",
+        )
+    decision = decide(served, shape, cfg)
+    decision.reason = decision.reason.replace(" test calls", " served held-out calls")
+    return decision

@@ -26,6 +26,7 @@ import yaml
 
 from slmify.errors import SlmifyError
 from slmify.schema import (
+    EndToEnd,
     EvalReport,
     FallbackLLM,
     Manifest,
@@ -212,11 +213,18 @@ def build_manifest(ws_root: Path, store: Any) -> Manifest:
 
     tasks = load_tasks(ws_root)
     entries = [manifest_task(ws_root, t) for t in tasks]
+    summary = ws_root / "eval" / "endtoend" / "summary.json"
+    headline = (
+        EndToEnd.model_validate_json(summary.read_text(encoding="utf-8"))
+        if summary.exists()
+        else None
+    )
     return Manifest(
         created_at=datetime.now(timezone.utc),
         router=router_spec(ws_root),
         fallback=fallback_llm(store),
         tasks=entries,
+        end_to_end=headline,
         savings=savings(tasks, entries),
     )
 
@@ -239,7 +247,7 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
         status="llm",
         reason="no specialist trained (run `slmify train`)",
     )
-    if result is None or result.status != "trained" or not result.adapter:
+    if result is None or result.status != "trained" or not (result.adapter or result.head):
         if result is not None:
             entry.reason = f"no specialist: training {result.status}" + (
                 f" ({result.reason})" if result.reason else ""
@@ -254,13 +262,17 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
         return entry
     report = EvalReport.model_validate_json(report_file.read_text(encoding="utf-8"))
     entry.evaluation = task_evaluation(report, report_file)
-    adapter_time = datetime.fromtimestamp(
-        (Path(result.adapter) / "adapter_config.json").stat().st_mtime, timezone.utc
+    trained_file = (
+        Path(result.adapter) / "adapter_config.json"
+        if result.kind == "lora"
+        else Path(result.head) / "head.json"
     )
+    adapter_time = datetime.fromtimestamp(trained_file.stat().st_mtime, timezone.utc)
     if report.created_at < adapter_time:
         entry.reason = "the evaluation predates the adapter, retrained since (run `slmify eval`)"
         return entry
     entry.status, entry.reason = report.decision.status, report.decision.reason
+    entry.deferral, entry.served = report.deferral, report.served
     return entry
 
 
@@ -285,6 +297,25 @@ def router_spec(ws_root: Path) -> RouterSpec | None:
 
 def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
     """What serving needs to load and prompt the specialist exactly as it was evaluated."""
+    from slmify.recipes import read_recipe_sections
+
+    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
+    max_new_tokens = read_recipe_sections(folder / "recipe.yaml")[0].max_new_tokens
+    if result.kind == "label-head":
+        head = Path(result.head)
+        labels = json.loads((head / "head.json").read_text(encoding="utf-8"))["labels"]
+        return SpecialistSpec(
+            kind="label-head",
+            base_model=None,
+            base_model_path=None,
+            head_path=str(head.resolve()),
+            labels=labels,
+            input_pruning=[],
+            chat_template="none: a classification head on MiniLM embeddings of the task "
+            "statement and the last turn",
+            pruning=pruning,
+            max_new_tokens=max_new_tokens,
+        )
     from transformers import AutoTokenizer
 
     from slmify.datasets import native_tools, turn_end
@@ -292,7 +323,6 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
 
     adapter = Path(result.adapter)
     lora = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
     removed = []
     if pruning.system is not None:
         removed.append(f"the shared system message ({len(pruning.system)} chars)")
@@ -311,6 +341,8 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
             f"the base model's chat template, turns ending {turn_end(tokenizer)}; tool schemas "
             f'{tools}; tool calls as <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>'
         ),
+        pruning=pruning,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -383,8 +415,10 @@ def write_workspace_manifest(ws_root: Path, store: Any) -> dict[str, Any]:
     write_manifest(manifest, path)
     promoted = [t for t in manifest.tasks if t.status == "promoted"]
     s = manifest.savings
+    e2e = manifest.end_to_end
     return {
         "manifest": str(path),
+        "headline": e2e.headline() if e2e else "not evaluated end to end (run `slmify eval`)",
         "promoted": f"{len(promoted)} of {len(manifest.tasks)} tasks, "
         f"{s.specialist_share:.1%} of calls ({s.specialist_calls})",
         "llm_cost_usd_moved": f"{s.llm_cost_usd_moved:.2f} of {s.llm_cost_usd:.2f}",

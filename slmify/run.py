@@ -475,8 +475,11 @@ def manifest_summary(ws: Workspace) -> dict[str, Any] | None:
         return {"path": str(path), "error": str(e)}
     s = manifest.savings
     promoted = [t for t in manifest.tasks if t.status == "promoted"]
+    e2e = manifest.end_to_end
     return {
         "path": str(path),
+        "headline": e2e.headline() if e2e else "not evaluated end to end",
+        "end_to_end": e2e.model_dump(mode="json", exclude={"by_task"}) if e2e else None,
         "promoted": f"{len(promoted)} of {len(manifest.tasks)} tasks",
         "tasks": {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks},
         "savings": {
@@ -506,6 +509,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(f"  [yellow]demoted[/yellow] {task_id}: {reason}", highlight=False)
     m = summary["manifest"]
     if m and "error" not in m:
+        console.print(f"[bold]held-out sessions[/bold]: {m['headline']}", highlight=False)
         console.print(f"[bold]manifest[/bold] {m['path']}: {m['promoted']} promoted")
         for task_id, status in m["tasks"].items():
             console.print(f"  {task_id}: {status}", highlight=False)

@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 
 CallStatus = Literal["ok", "error"]
 OutputShape = Literal["tool_call", "json", "label", "text"]
+# A LoRA adapter on a small base model that generates the answer, or a classification head
+# on sentence embeddings that answers from a closed label set.
+SpecialistKind = Literal["lora", "label-head"]
 
 
 class ChatRequest(BaseModel):
@@ -240,7 +243,9 @@ class SpecialistResult(BaseModel):
     id: str
     status: Literal["trained", "skipped"]
     reason: str | None = None
+    kind: SpecialistKind = "lora"
     adapter: str | None = Field(default=None, description="The peft adapter folder.")
+    head: str | None = Field(default=None, description="The label head's folder (label-head).")
     base_model: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -266,6 +271,9 @@ class ModelAnswer(BaseModel):
     latency_ms: float
     output_tokens: int
     judge: float | None = Field(default=None, description="LLM judge verdict (text calls).")
+    confidence: float | None = Field(
+        default=None, description="The model's own confidence in this answer (slmify.runtime)."
+    )
 
 
 class CallEval(BaseModel):
@@ -307,6 +315,97 @@ class GateDecision(BaseModel):
     threshold: float | None = None
 
 
+class Deferral(BaseModel):
+    """A task's confidence threshold, fitted on its calibration sessions: below it, serve
+    sends the call to the LLM. Confidence is the specialist's own times the router's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        description="Answers at or above it are served; null: no threshold reaches the target."
+    )
+    target: float = Field(description="Agreement whose lower bound the threshold must clear.")
+    calibration_calls: int = Field(description="Calls routed to the task on calibration sessions.")
+    calibration_served: int = Field(description="Of those, answered at or above the threshold.")
+    calibration_agreement: float | None = None
+    calibration_agreement_lower: float | None = None
+    reason: str
+
+
+class ReplayedCall(BaseModel):
+    """One line of `eval/endtoend/<split>.jsonl`: a held-out call replayed through the
+    serving decision path (router, scope checks, specialist, validation, deferral)."""
+
+    schema_version: int = SCHEMA_VERSION
+    call_id: str
+    session_id: str | None
+    cluster_task: str | None = Field(description="The task clustering put it in (reference).")
+    picked: str | None = Field(description="The task the router chose; null: the LLM.")
+    router_confidence: float | None
+    answered_by: str = Field(description="The task id whose specialist answered, or `llm`.")
+    reason: str = Field(description="As serve's x-slmify-reason header would say.")
+    answer: ModelAnswer | None = Field(
+        description="The specialist's answer, also when it was deferred or invalid."
+    )
+    base: ModelAnswer | None = Field(
+        default=None, description="Its base model's answer (eval.compare_base), for comparison."
+    )
+    confidence: float | None = Field(description="Specialist confidence x router confidence.")
+    agree: bool | None = Field(description="Whether that answer agrees with the LLM's.")
+    llm_latency_ms: float | None = None
+
+
+class TaskServed(BaseModel):
+    """What one task's specialist answered of the held-out calls routed to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    routed: int
+    served: int
+    agreement: float | None
+    agreement_lower: float | None
+    served_without_deferral: int
+    agreement_without_deferral: float | None
+    agreement_lower_without_deferral: float | None
+
+
+class EndToEnd(BaseModel):
+    """The headline: held-out sessions replayed through the deployment as serve runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = Field(description="Which held-out sessions: test.")
+    sessions: int
+    calls: int
+    served: int = Field(description="Answered by promoted specialists at their thresholds.")
+    served_share: float
+    agreement: float | None = Field(description="Of the served answers, with the LLM's.")
+    agreement_lower: float | None
+    confidence: float
+    method: Literal["wilson", "bootstrap"] | None
+    served_without_deferral: int = Field(
+        description="Served if every promoted task answered every valid call (no threshold)."
+    )
+    agreement_without_deferral: float | None
+    agreement_lower_without_deferral: float | None
+    reasons: dict[str, int] = Field(description="Calls per routing reason (code before ':').")
+    llm_cost_usd_moved: float | None = Field(
+        default=None, description="LLM cost of the served calls, at the price table."
+    )
+    llm_latency_s_moved: float | None = Field(
+        default=None, description="Recorded LLM seconds of the served calls, where logged."
+    )
+    by_task: dict[str, TaskServed] = Field(default_factory=dict)
+
+    def headline(self) -> str:
+        if self.served == 0 or self.agreement is None:
+            return f"0 % of {self.calls} held-out calls answered by specialists"
+        return (
+            f"{self.served_share:.1%} of {self.calls} held-out calls answered by specialists, "
+            f"agreement {self.agreement:.3f} (lower bound {self.agreement_lower:.3f})"
+        )
+
+
 class EvalReport(BaseModel):
     """`eval/<task id>/report.json`: what `slmify eval` measured on one task's test split."""
 
@@ -320,6 +419,10 @@ class EvalReport(BaseModel):
     )
     judge_model: str | None = None
     decision: GateDecision
+    deferral: Deferral | None = None
+    served: TaskServed | None = Field(
+        default=None, description="On the held-out test sessions, through the router."
+    )
     adapter: str
     calls_file: str
     created_at: datetime
@@ -346,12 +449,21 @@ class FallbackLLM(BaseModel):
 class SpecialistSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(description="As the recipe names it.")
-    base_model_path: str = Field(description="The folder or HF id a server loads.")
-    adapter_path: str
-    lora_rank: int
+    kind: SpecialistKind = "lora"
+    base_model: str | None = Field(description="As the recipe names it (null: label head).")
+    base_model_path: str | None = Field(description="The folder or HF id a server loads.")
+    adapter_path: str | None = None
+    head_path: str | None = Field(default=None, description="The label head's folder.")
+    labels: list[str] | None = Field(default=None, description="A label head's label set.")
+    lora_rank: int | None = None
     input_pruning: list[str] = Field(description="What the prompt builder removes from a call.")
     chat_template: str = Field(description="Chat template convention the adapter was trained on.")
+    pruning: PromptPruning | None = Field(
+        default=None,
+        description="Exactly what the prompt builder removes and keeps (as in training and "
+        "eval); serving rebuilds the evaluated prompt from it. Null in older manifests.",
+    )
+    max_new_tokens: int | None = Field(default=None, description="The evaluated generation cap.")
 
 
 class TaskEvaluation(BaseModel):
@@ -382,6 +494,10 @@ class ManifestTask(BaseModel):
     reason: str
     specialist: SpecialistSpec | None = None
     evaluation: TaskEvaluation | None = None
+    deferral: Deferral | None = Field(
+        default=None, description="Confidence threshold; null (older manifests): none."
+    )
+    served: TaskServed | None = None
     data_hash: str | None = None
     recipe_hash: str | None = None
 
@@ -410,6 +526,9 @@ class Manifest(BaseModel):
     router: RouterSpec | None
     fallback: FallbackLLM
     tasks: list[ManifestTask]
+    end_to_end: EndToEnd | None = Field(
+        default=None, description="Held-out sessions replayed through this deployment."
+    )
     savings: Savings
     exports: dict[str, str] = Field(
         default_factory=dict, description="Serving configs written beside the manifest."
@@ -428,6 +547,7 @@ class SpecialistAttempt(BaseModel):
     problem: str | None = Field(description="Why the answer is not valid; null when it is.")
     latency_ms: float
     output_tokens: int
+    confidence: float | None = Field(default=None, description="The specialist's own.")
     score: AnswerScore | None = Field(
         default=None, description="Agreement with the LLM's answer (shadow mode)."
     )
@@ -440,7 +560,10 @@ class ServedRoute(BaseModel):
     answered_by: str = Field(description="The task id of the specialist that answered, or `llm`.")
     reason: str = Field(description="As sent in the x-slmify-reason header.")
     task_id: str | None = Field(description="The task the router (or the request's model) chose.")
-    confidence: float | None = None
+    confidence: float | None = Field(default=None, description="The router's.")
+    answer_confidence: float | None = Field(
+        default=None, description="The answering specialist's own confidence."
+    )
     shadow: bool = False
     specialist: SpecialistAttempt | None = None
 

@@ -56,8 +56,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from slmify.collect import parse_request
+from slmify.decision import Decision, answer_decision, route_decision, task_decision
 from slmify.errors import SlmifyError
-from slmify.evaluate import TextEncoder
 from slmify.httpguard import PASSTHROUGH_POSTS, Guard, configure, credentials
 from slmify.metrics import score_answer
 from slmify.proxy import (
@@ -71,6 +71,7 @@ from slmify.proxy import (
     exchange_to_record,
 )
 from slmify.router import RouteBatcher
+from slmify.runtime import TextEncoder
 from slmify.schema import ChatRequest, Manifest, ServedRoute, SpecialistAttempt
 from slmify.specialists import (
     Answer,
@@ -78,7 +79,6 @@ from slmify.specialists import (
     SpecialistPool,
     completion_body,
     offered_specs,
-    out_of_scope,
 )
 from slmify.sse import sse_events
 from slmify.store import Store, redact_url
@@ -100,17 +100,6 @@ class Router(Protocol):
     def route_many(self, requests: list[ChatRequest]) -> list[tuple[str | None, float]]: ...
 
     def warm_up(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Where one call goes: `task_id` answers it, or the LLM when None."""
-
-    task_id: str | None
-    reason: str
-    picked: str | None = None  # the task the router (or the request's model) chose
-    confidence: float | None = None
-    shadow: bool = False
 
 
 @dataclass
@@ -167,37 +156,18 @@ class Service:
     # -- deciding ------------------------------------------------------------------------
 
     async def decide(self, request: ChatRequest) -> Decision:
-        """The route of one request."""
-        if request.model in self.promoted:
-            picked, confidence = request.model, None
-            routed = "pinned: the request's model is the task"
-        elif self.batcher is None or self.manifest.router is None:
-            return Decision(None, "no-router: the manifest has none")
-        else:
-            picked, confidence = await self.batcher.route(request)
-            threshold = self.manifest.router.confidence_threshold
-            if picked is None:
-                return Decision(
-                    None, f"no-match: no task fits ({confidence:.2f})", None, confidence
-                )
-            if confidence < threshold:
-                reason = f"low-confidence: {picked} at {confidence:.2f} < {threshold:.2f}"
-                return Decision(None, reason, picked, confidence)
-            routed = f"routed: confidence {confidence:.2f} >= {threshold:.2f}"
-        not_promoted = f"not-promoted: {picked} stays on the LLM"
+        """The route of one request, before any specialist answers."""
         sampled = bool(self.shadow_rate) and random.random() < self.shadow_rate
-        if picked not in self.pool.tasks or (picked not in self.promoted and not sampled):
-            return Decision(None, not_promoted, picked, confidence)
-        if why := out_of_scope(self.pool.tasks[picked], request):
-            return Decision(None, f"out-of-scope: {why}", picked, confidence)
-        if sampled:
-            status = "promoted" if picked in self.promoted else "not promoted"
-            reason = (
-                f"shadow: sampled at {self.shadow_rate:g}, {picked} ({status}) answers in the "
-                "background"
-            )
-            return Decision(None, reason, picked, confidence, shadow=True)
-        return Decision(picked, routed, picked, confidence)
+        sampled_at = self.shadow_rate if sampled else None
+        args = (self.pool.tasks, self.promoted, sampled_at)
+        if request.model in self.promoted:
+            routed = "pinned: the request's model is the task"
+            return task_decision(request, request.model, None, routed, *args)
+        if self.batcher is None or self.manifest.router is None:
+            return Decision(None, "no-router: the manifest has none")
+        picked, confidence = await self.batcher.route(request)
+        threshold = self.manifest.router.confidence_threshold
+        return route_decision(request, picked, confidence, threshold, *args)
 
     async def generate(self, task_id: str, request: ChatRequest, live: bool = True) -> Answer:
         executor = self.generator if live else self.shadowing
@@ -228,11 +198,10 @@ class Service:
                 log.exception("specialist %s failed", decision.task_id)
                 decision = replace(decision, task_id=None, reason=f"specialist-error: {e}")
             else:
-                if answer.problem is None:
-                    return await self.reply(call, decision, answer)
-                attempt = _attempt(answer)
-                reason = f"invalid-output: {answer.problem}"
-                decision = replace(decision, task_id=None, reason=reason)
+                settled = answer_decision(decision, answer, self.pool.tasks[answer.task_id])
+                if settled.task_id is not None:
+                    return await self.reply(call, settled, answer)
+                attempt, decision = _attempt(answer), settled
         return await self.ask_llm(call, decision, attempt)
 
     async def reply(self, call: Call, decision: Decision, answer: Answer) -> web.StreamResponse:
@@ -253,6 +222,7 @@ class Service:
             reason=decision.reason,
             task_id=decision.picked,
             confidence=decision.confidence,
+            answer_confidence=answer.confidence,
         )
         ex = Exchange(
             source=f"specialist:{answer.task_id}",
@@ -363,6 +333,7 @@ def _attempt(answer: Answer) -> SpecialistAttempt:
         problem=answer.problem,
         latency_ms=answer.latency_ms,
         output_tokens=answer.output_tokens,
+        confidence=answer.confidence,
     )
 
 

@@ -1,17 +1,20 @@
 """S6 serve, the local half: the promoted specialists answering requests, and the checks
 that keep each one to what it was trained for.
 
-Reads the manifest's promoted tasks and, beside each adapter (WORKSPACE/specialists/<task
-id>/), the `pruning.json` and `recipe.yaml` the specialist was trained and evaluated with.
-Writes nothing.
+Reads the manifest's tasks (`task_runtimes`: the pruning, generation cap and confidence
+threshold they were evaluated with, all in the manifest) and the adapter or label-head
+folders it names; eval builds the same runtimes from the train stage's folders. Writes
+nothing.
 
-Each base model is loaded once (`slmify.evaluate.Specialist`: float weights on the GPU when
-there is one, greedy decoding, the template's end of turn as the stop) and every promoted
+Each base model is loaded once (`slmify.runtime.Specialist`: float weights on the GPU when
+there is one, greedy decoding, the template's end of turn as the stop, a confidence from the
+answer's token probabilities) and every promoted
 adapter of that base is attached to it by name (peft `load_adapter`); a request switches to
 its task's adapter with `set_adapter`. peft has one active adapter per model, so switching
 and generating happen under one lock. The prompt is built exactly as in training and
 evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
-with `parse_output`.
+with `parse_output`. A label-head task answers with its head (slmify.labelhead): the most
+likely label of its closed set, its probability as confidence.
 
 An answer goes out as an OpenAI `chat.completion` with usage (`completion_body`), or as the
 `chat.completion.chunk` events of a stream (`slmify.sse.sse_events`).
@@ -28,6 +31,7 @@ Two checks send a request to the LLM instead:
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -39,9 +43,11 @@ from slmify.datasets import TOOL_CALL_RE, build_prompt, parse_output
 from slmify.metrics import parse_json, schema_valid
 from slmify.schema import (
     ChatRequest,
+    Deferral,
     Manifest,
     OutputShape,
     PromptPruning,
+    SpecialistKind,
     message_text,
     message_tool_calls,
 )
@@ -53,14 +59,17 @@ class OutOfScope(Exception):
 
 @dataclass(frozen=True)
 class TaskRuntime:
-    """What serving needs of one promoted task."""
+    """What serving (and eval, which answers exactly as serving does) needs of one task."""
 
     id: str
     output_shape: OutputShape
-    base_path: str
-    adapter: Path
+    kind: SpecialistKind
+    base_path: str | None
+    adapter: Path | None
+    head: Path | None
     pruning: PromptPruning
     max_new_tokens: int  # the generation cap it was evaluated with
+    threshold: float | None = None  # the calibrated confidence threshold; None: no deferral
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class Answer:
     prompt_tokens: int
     output_tokens: int
     latency_ms: float
+    confidence: float
 
 
 def offered_specs(request: ChatRequest) -> list[dict[str, Any]]:
@@ -84,35 +94,58 @@ def offered_specs(request: ChatRequest) -> list[dict[str, Any]]:
 
 
 def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRuntime]:
-    """The promoted tasks of a manifest with the files their specialists were trained with;
-    with `unpromoted`, also the tasks kept on the LLM whose trained adapter is on disk
-    (shadow mode answers them in the background)."""
-    from slmify.evaluate import read_eval_config
-
+    """The promoted tasks of a manifest, as the manifest describes their specialists; with
+    `unpromoted`, also the tasks kept on the LLM whose trained specialist is on disk
+    (shadow mode answers them in the background). Reads nothing the manifest does not name."""
     out = []
     for task in manifest.tasks:
-        if task.specialist is None:
+        spec = task.specialist
+        if spec is None:
             continue
-        adapter = Path(task.specialist.adapter_path)
-        if task.status != "promoted" and not (unpromoted and adapter.is_dir()):
+        folder = spec.head_path if spec.kind == "label-head" else spec.adapter_path
+        if task.status != "promoted" and not (unpromoted and folder and Path(folder).is_dir()):
             continue
-        folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
-        pruning_file = folder / "pruning.json"
-        if not pruning_file.exists():
-            raise FileNotFoundError(
-                f"{pruning_file} not found: task {task.id}'s specialist folder is incomplete"
-            )
+        pruning, max_new_tokens = spec.pruning, spec.max_new_tokens
+        if pruning is None or max_new_tokens is None:
+            pruning, max_new_tokens = _legacy_prompting(task.id, Path(spec.adapter_path))
         out.append(
             TaskRuntime(
                 id=task.id,
                 output_shape=task.output_shape,
-                base_path=task.specialist.base_model_path,
-                adapter=adapter,
-                pruning=PromptPruning.model_validate_json(pruning_file.read_text()),
-                max_new_tokens=read_eval_config(folder / "recipe.yaml").max_new_tokens,
+                kind=spec.kind,
+                base_path=spec.base_model_path,
+                adapter=Path(spec.adapter_path) if spec.adapter_path else None,
+                head=Path(spec.head_path) if spec.head_path else None,
+                pruning=pruning,
+                max_new_tokens=max_new_tokens,
+                threshold=serving_threshold(task.deferral),
             )
         )
     return out
+
+
+def serving_threshold(deferral: Deferral | None) -> float | None:
+    """The confidence below which serve defers: none for a manifest written before
+    deferral existed; above any confidence when calibration found no safe threshold."""
+    if deferral is None:
+        return None
+    return math.inf if deferral.threshold is None else deferral.threshold
+
+
+def _legacy_prompting(task_id: str, adapter: Path) -> tuple[PromptPruning, int]:
+    """A manifest written before manifests held the prompting (format 1 without `pruning`):
+    the train stage's files beside the adapter, as serve read them then."""
+    from slmify.recipes import read_recipe_sections
+
+    folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
+    pruning_file = folder / "pruning.json"
+    if not pruning_file.exists():
+        raise FileNotFoundError(
+            f"{pruning_file} not found: task {task_id}'s manifest entry has no pruning and "
+            "its specialist folder is incomplete; run `slmify manifest` again"
+        )
+    cfg = read_recipe_sections(folder / "recipe.yaml")[0]
+    return PromptPruning.model_validate_json(pruning_file.read_text()), cfg.max_new_tokens
 
 
 # -- scope and validity -------------------------------------------------------------------
@@ -224,27 +257,35 @@ def _legacy(message: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
 
 
 class SpecialistPool:
-    """The promoted specialists: one loaded model per base, one adapter per task."""
+    """The specialists: one loaded model per base, one adapter per task, and label heads."""
 
     def __init__(self, tasks: list[TaskRuntime]):
-        from slmify.evaluate import Specialist
+        from slmify.runtime import Specialist
 
         self.tasks = {t.id: t for t in tasks}
         self.lock = threading.Lock()
         self._models: dict[str, Specialist] = {}
         self._adapter_name: dict[str, str] = {}
+        self._heads: dict[str, Any] = {}
         for t in tasks:
-            if t.base_path not in self._models:
+            if t.kind == "label-head":
+                from slmify.labelhead import load_head
+
+                self._heads[t.id] = load_head(t.head)
+            elif t.base_path not in self._models:
                 self._models[t.base_path] = Specialist(t.base_path, t.adapter, t.max_new_tokens)
                 self._adapter_name[t.id] = "default"  # PeftModel.from_pretrained's name
             else:
                 self._models[t.base_path].model.load_adapter(str(t.adapter), adapter_name=t.id)
                 self._adapter_name[t.id] = t.id
 
-    def answer(self, task_id: str, request: ChatRequest) -> Answer:
+    def answer(self, task_id: str, request: ChatRequest, use_adapter: bool = True) -> Answer:
         """The task's specialist's answer (blocking; safe from any thread); OutOfScope when
-        the prompt does not fit the base model's context window."""
+        the prompt does not fit the base model's context window. `use_adapter=False`
+        answers with the base model alone (eval's comparison)."""
         task = self.tasks[task_id]
+        if task.kind == "label-head":
+            return self._head_answer(task, request)
         spec = self._models[task.base_path]
         prompt = build_prompt(spec.tokenizer, request, task.pruning)
         prompt_tokens = len(spec.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -256,9 +297,10 @@ class SpecialistPool:
         t0 = time.perf_counter()
         with self.lock:
             spec.model.set_adapter(self._adapter_name[task_id])
-            text, _, tokens = spec.answer(prompt, True, cap)
+            generated = spec.answer(prompt, use_adapter, cap, task.output_shape)
         latency_ms = (time.perf_counter() - t0) * 1000  # includes waiting for the lock
-        text, stopped = _stop_at(text, request.params.get("stop"))
+        text, stopped = _stop_at(generated.text, request.params.get("stop"))
+        tokens = generated.output_tokens
         message = _legacy(parse_output(text, offered_specs(request)), request)
         if message.get("tool_calls") or message.get("function_call"):
             finish = "tool_calls" if message.get("tool_calls") else "function_call"
@@ -275,6 +317,25 @@ class SpecialistPool:
             prompt_tokens=prompt_tokens,
             output_tokens=tokens,
             latency_ms=round(latency_ms, 3),
+            confidence=generated.confidence,
+        )
+
+    def _head_answer(self, task: TaskRuntime, request: ChatRequest) -> Answer:
+        """A label head's answer: the most likely label of its set, and its probability."""
+        t0 = time.perf_counter()
+        with self.lock:  # the head's embedder is not shared across threads
+            label, probability = self._heads[task.id].predict(request)
+        message = {"role": "assistant", "content": label}
+        return Answer(
+            task_id=task.id,
+            text=label,
+            message=message,
+            finish_reason="stop",
+            problem=answer_problem(task, request, label, message),
+            prompt_tokens=0,
+            output_tokens=1,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+            confidence=probability,
         )
 
 

@@ -132,15 +132,37 @@ def test_summary_counts_the_judge_verdict_on_text_and_averages_metrics() -> None
 
 
 def test_a_recipe_eval_typo_names_the_file_and_key(tmp_path) -> None:  # noqa: ANN001
-    from slmify.evaluate import EvalError, read_eval_config
+    from slmify.recipes import RecipeError, read_recipe_sections
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: {base: x}\neval: {min_tests_calls: 5}\n")
-    with pytest.raises(EvalError) as e:
-        read_eval_config(recipe)
+    with pytest.raises(RecipeError) as e:
+        read_recipe_sections(recipe)
     assert str(e.value) == (
         f"{recipe}: eval: min_tests_calls: unknown key (misspelled? see the recipe's comments)"
     )
     # Only eval: is read, so a GPU recipe (4-bit) can be evaluated on a CPU.
     recipe.write_text("quantization: {load_in_4bit: true}\neval: {min_test_calls: 7}\n")
-    assert read_eval_config(recipe).min_test_calls == 7
+    assert read_recipe_sections(recipe)[0].min_test_calls == 7
+
+
+def test_threshold_search_returns_the_threshold_computed_by_hand() -> None:
+    from slmify.gate import fit_threshold
+
+    # 30 confident right answers, then a wrong one at 0.6 and right ones below it.
+    scored = [(0.99 - i * 0.01, True) for i in range(30)] + [(0.6, False)]
+    scored += [(0.5, True), (0.4, True), (0.3, False)]
+    # Wilson one-sided 95%: 30/30 -> 0.917 >= 0.9; 30/31 -> 0.868; 31/32 -> 0.871;
+    # 32/33 -> 0.875; 32/34 -> 0.837. Only the top 30 clear 0.9: the threshold is the
+    # 30th confidence.
+    threshold, served, agreed = fit_threshold(scored, 0.9, 0.95)
+    assert threshold == pytest.approx(0.70) and (served, agreed) == (30, 30)
+    assert wilson_bounds(30, 30, 0.95)[0] >= 0.9 > wilson_bounds(30, 31, 0.95)[0]
+    # A lower target admits the lowest threshold whose bound still clears it.
+    assert fit_threshold(scored, 0.86, 0.95) == (0.4, 33, 32)
+    assert fit_threshold(scored, 0.83, 0.95) == (0.3, 34, 32)
+    # Too few answers for any bound to clear the target: no threshold.
+    assert fit_threshold([(0.9, True)] * 5, 0.9, 0.95) == (None, 0, 0)
+    # Equal confidences are kept or deferred together.
+    tied = [(0.8, True)] * 30 + [(0.8, False)] * 2
+    assert fit_threshold(tied, 0.9, 0.95) == (None, 0, 0)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shlex
 from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dataset
 from jsonschema import Draft202012Validator
 
 from slmify.manifest import (
@@ -28,18 +25,12 @@ from slmify.manifest import (
     write_manifest,
 )
 from slmify.schema import (
-    CallEval,
-    CallRecord,
-    EvalReport,
     FallbackLLM,
     Manifest,
     ManifestTask,
-    PromptPruning,
     RouterSpec,
     Savings,
-    SpecialistResult,
     SpecialistSpec,
-    TaskCluster,
     TaskEvaluation,
 )
 
@@ -312,206 +303,7 @@ def test_nothing_promoted_exports_only_the_llm(tmp_path: Path) -> None:
     }
 
 
-# -- eval, then manifest, on a workspace with real tau-airline calls ---------------------
-
-TASK = "t01-get-reservation-details"
-
-
-@cache
-def _reservation_calls() -> list[CallRecord]:
-    """The tau-airline calls answered with get_reservation_details (read-only)."""
-    from slmify.collect import from_openai_log
-
-    calls = []
-    with gzip.open(dataset("tau-airline"), "rt") as fh:
-        for line in fh:
-            rec = from_openai_log(json.loads(line), "tau-airline")[0]
-            if any(c["name"] == "get_reservation_details" for c in rec.tool_calls()):
-                calls.append(rec)
-    return calls
-
-
-def _eval_workspace(root: Path, base: Path, n_test: int) -> tuple[Path, list[CallRecord]]:
-    """A workspace as cluster and train leave it: one trained task, one not trained."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slmify.datasets import find_pruning
-    from slmify.recipes import PruneConfig
-    from slmify.store import open_store
-
-    calls = _reservation_calls()
-    with open_store(str(root / "calls.db")) as st:
-        st.add_calls(calls)
-    tasks = [
-        TaskCluster(
-            id=TASK,
-            label="get reservation details",
-            tools=["get_reservation_details"],
-            output_shape="tool_call",
-            calls=len(calls),
-            share=0.3,
-            llm_cost_usd=1.5,
-        ),
-        TaskCluster(id="t02-rare", label="rare", output_shape="text", calls=3, share=0.01),
-    ]
-    (root / "cluster").mkdir(parents=True)
-    (root / "cluster" / "tasks.json").write_text(
-        json.dumps({"tasks": [t.model_dump(mode="json") for t in tasks]})
-    )
-    folder = root / "specialists" / TASK
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
-    )
-    model.save_pretrained(folder / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
-    (folder / "recipe.yaml").write_text(
-        "# resolved\nmodel: {base: tiny}\neval: {min_test_calls: 3, max_new_tokens: 6}\n"
-    )
-    (folder / "pruning.json").write_text(find_pruning(calls, PruneConfig()).model_dump_json())
-    test_ids = [c.id for c in calls[:n_test]]
-    (folder / "splits.json").write_text(
-        json.dumps({"train": [], "validation": [], "test": test_ids})
-    )
-    (folder / "dataset").mkdir()
-    (folder / "dataset" / "train.jsonl").write_text('{"id": "x"}\n')
-    result = SpecialistResult(
-        id=TASK, status="trained", adapter=str(folder / "adapter"), base_model=str(base)
-    )
-    (folder / "result.json").write_text(result.model_dump_json())
-    return root, calls[:n_test]
-
-
-def test_eval_runs_the_real_model_and_gates(tmp_path: Path, tiny_base: Path) -> None:
-    from slmify.evaluate import evaluate_workspace
-    from slmify.store import open_store
-
-    root, calls = _eval_workspace(tmp_path / "ws", tiny_base, n_test=4)
-    lines: list[str] = []
-    with open_store(str(root / "calls.db")) as st:
-        summary = evaluate_workspace(root, st, progress=False, announce=lines.append)
-    assert summary["evaluated"] == 1 and summary["promoted"] == 0
-    by_id = {t["id"]: t for t in summary["tasks"]}
-    assert by_id["t02-rare"] == {
-        "id": "t02-rare",
-        "status": "llm",
-        "reason": "no specialist trained (run `slmify train`)",
-    }
-    assert by_id[TASK]["test_calls"] == 4 and by_id[TASK]["status"] == "llm"
-    rows = [CallEval.model_validate_json(x) for x in (root / "eval" / TASK / "calls.jsonl").open()]
-    assert [r.call_id for r in rows] == [c.id for c in calls]
-    for r in rows:
-        assert r.reference == next(c for c in calls if c.id == r.call_id).response.message
-        for answer in (r.specialist, r.base):
-            assert 1 <= answer.output_tokens <= 6 and answer.latency_ms > 0
-            assert answer.score.shape == "tool_call"
-    report = EvalReport.model_validate_json((root / "eval" / TASK / "report.json").read_text())
-    # A random 2-layer model never reproduces the LLM's call: kept on the LLM, with numbers.
-    assert report.specialist.agreement.n == 4 and report.specialist.agreement.mean == 0.0
-    assert report.decision.status == "llm"
-    assert report.decision.reason == (
-        "agreement 0.000 over 4 test calls, 95% lower bound 0.000 (wilson) "
-        "< tool_call threshold 0.90"
-    )
-    assert report.specialist.tokens_per_s > 0
-    assert lines[0] == "t02-rare: -> llm: no specialist trained (run `slmify train`)"
-    assert lines[1].startswith(f"{TASK}: n=4 specialist 0.000 [0.000, 0.")
-    assert " base 0.000 [0.000, 0." in lines[1]
-
-
-def _oracle(
-    monkeypatch: pytest.MonkeyPatch, root: Path, base: Path, calls: list[CallRecord]
-) -> None:
-    """The specialist answers exactly what the LLM did; the base model answers in words."""
-    from transformers import AutoTokenizer
-
-    from slmify import evaluate
-    from slmify.datasets import build_prompt, render_assistant
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    pruning = PromptPruning.model_validate_json(
-        (root / "specialists" / TASK / "pruning.json").read_text()
-    )
-    answers = {
-        build_prompt(tokenizer, c.request, pruning): render_assistant(c.response.message)
-        for c in calls
-    }
-
-    def answer(self, prompt: str, use_adapter: bool) -> tuple[str, float, int]:  # noqa: ANN001
-        return (answers[prompt] if use_adapter else "Let me check that for you."), 12.5, 10
-
-    monkeypatch.setattr(evaluate.Specialist, "answer", answer)
-
-
-def test_eval_promotes_a_specialist_that_matches_and_the_manifest_lists_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base: Path
-) -> None:
-    from typer.testing import CliRunner
-
-    from slmify.cli import app
-
-    # 25 of 25: one-sided 95% Wilson lower bound 25 / (25 + 1.645^2) = 0.902 >= 0.90.
-    root, calls = _eval_workspace(tmp_path / "ws", tiny_base, n_test=25)
-    _oracle(monkeypatch, root, tiny_base, calls)
-    runner = CliRunner()
-    result = runner.invoke(app, ["eval", "-w", str(root), "--json"])
-    assert result.exit_code == 0, result.output
-    task = next(t for t in json.loads(result.stdout)["tasks"] if t["id"] == TASK)
-    assert task["status"] == "promoted", task["reason"]
-    assert task["specialist"]["mean"] == 1.0 and task["base"]["mean"] == 0.0
-    assert task["specialist"]["lower"] == pytest.approx(25 / (25 + 1.6448536**2), abs=1e-4)
-    result = runner.invoke(app, ["eval", "-w", str(root)])  # the human form: a line per task
-    assert f"{TASK}: n=25 specialist 1.000 [0.902, 1.000] base 0.000 [0.000, 0.098]" in (
-        result.stdout
-    )
-    assert "t02-rare: -> llm: no specialist trained" in result.stdout
-    result = runner.invoke(app, ["manifest", "-w", str(root), "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    assert out["manifest"] == str(root / "manifest.yaml")
-    manifest = read_manifest(Path(out["manifest"]))
-    entries = {t.id: t for t in manifest.tasks}
-    assert entries[TASK].status == "promoted"
-    assert entries[TASK].reason.startswith("agreement 1.000 over 25 test calls")
-    assert entries[TASK].evaluation.base_agreement == 0.0
-    assert entries[TASK].specialist.lora_rank == 4
-    assert entries[TASK].specialist.input_pruning == [
-        "the shared system message (6155 chars)",
-        "descriptions of the 14 shared tool schemas",
-    ]
-    assert entries[TASK].data_hash and entries[TASK].recipe_hash
-    assert entries["t02-rare"].status == "llm" and entries["t02-rare"].specialist is None
-    assert manifest.fallback.model == "gpt-4o"
-    assert manifest.savings.specialist_share == 0.3
-    assert manifest.savings.llm_cost_usd_moved == 1.5
-    assert manifest.savings.llm_latency_s_moved is None  # the logs have no latency
-    assert out["tasks"][TASK].startswith("promoted: agreement 1.000")
-    script = Path(out["vllm"]).read_text()
-    assert f"{TASK}={entries[TASK].specialist.adapter_path}" in script
-
-
-def test_manifest_refuses_an_evaluation_older_than_the_adapter(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base: Path
-) -> None:
-    import os
-    import time
-
-    from slmify.evaluate import evaluate_workspace
-    from slmify.manifest import build_manifest
-    from slmify.store import open_store
-
-    root, calls = _eval_workspace(tmp_path / "ws", tiny_base, n_test=25)
-    _oracle(monkeypatch, root, tiny_base, calls)
-    with open_store(str(root / "calls.db")) as st:
-        evaluate_workspace(root, st, progress=False)
-        later = time.time() + 60
-        os.utime(root / "specialists" / TASK / "adapter" / "adapter_config.json", (later, later))
-        entry = next(t for t in build_manifest(root, st).tasks if t.id == TASK)
-    assert entry.status == "llm"
-    assert (
-        entry.reason == "the evaluation predates the adapter, retrained since (run `slmify eval`)"
-    )
+# -- the judge (eval and manifest themselves run in tests/test_endtoend.py) --------------
 
 
 def test_judge_reads_yes_no_from_an_openai_compatible_endpoint(
@@ -555,24 +347,3 @@ def test_judge_reads_yes_no_from_an_openai_compatible_endpoint(
         server.shutdown()
     with pytest.raises(EvalError, match=r"judge http://127\.0\.0\.1:1/v1: "):
         Judge("http://127.0.0.1:1/v1", "judge-1", None).verdict("q", "a", "b")
-
-
-def test_eval_without_the_base_model_comparison(tmp_path: Path, tiny_base: Path) -> None:
-    from slmify.evaluate import evaluate_workspace
-    from slmify.manifest import build_manifest
-    from slmify.store import open_store
-
-    root, _ = _eval_workspace(tmp_path / "ws", tiny_base, n_test=3)
-    recipe = root / "specialists" / TASK / "recipe.yaml"
-    recipe.write_text(recipe.read_text().replace("6}", "6, compare_base: false}"))
-    lines: list[str] = []
-    with open_store(str(root / "calls.db")) as st:
-        summary = evaluate_workspace(root, st, progress=False, announce=lines.append)
-        manifest = build_manifest(root, st)
-    task = next(t for t in summary["tasks"] if t["id"] == TASK)
-    assert task["base"] is None and task["test_calls"] == 3
-    rows = [CallEval.model_validate_json(x) for x in (root / "eval" / TASK / "calls.jsonl").open()]
-    assert len(rows) == 3 and all(r.base is None for r in rows)
-    assert " base not run " in lines[1]
-    entry = next(t for t in manifest.tasks if t.id == TASK)
-    assert entry.evaluation.base_agreement is None and entry.evaluation.agreement == 0.0

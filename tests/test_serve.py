@@ -253,8 +253,13 @@ def test_a_routed_call_is_answered_by_its_specialist(deployment, store):
     assert rec.source == f"specialist:{TEXT}" and rec.session_id == "s-1"
     assert rec.response.message == choice["message"] and rec.usage.completion_tokens >= 1
     assert _route(store, completion["id"]) == ServedRoute(
-        answered_by=TEXT, reason="routed: confidence 0.90 >= 0.50", task_id=TEXT, confidence=0.9
+        answered_by=TEXT,
+        reason="routed: confidence 0.90 >= 0.50",
+        task_id=TEXT,
+        confidence=0.9,
+        answer_confidence=expected.confidence,
     )
+    assert 0.0 < expected.confidence <= 1.0
 
 
 def test_calls_no_specialist_should_answer_go_to_the_llm(deployment, store):
@@ -318,6 +323,35 @@ def test_a_failing_router_leaves_the_call_to_the_llm(deployment, store):
     assert headers[REASON_HEADER] == "router-error: embedding model missing"
     assert json.loads(body)["choices"] == call["response"]["choices"]
     assert store.count_calls() == 1
+
+
+def test_a_low_confidence_answer_goes_to_the_llm_with_its_reason(deployment, store):
+    from dataclasses import replace
+
+    call = deployment.fireact[0]
+    request = parse_request(call["request"])
+    confidence = deployment.pool.answer(TEXT, request).confidence * 0.9  # x the router's
+    task = deployment.pool.tasks[TEXT]
+    try:
+        deployment.pool.tasks[TEXT] = replace(task, threshold=confidence + 0.01)
+        with running(deployment, store) as (url, fake):
+            [(status, headers, body)] = post(url, [call["request"]])
+        assert status == 200 and headers[ROUTE_HEADER] == "llm"
+        reason = f"deferred: low-confidence {confidence:.2f} < {confidence + 0.01:.2f}"
+        assert headers[REASON_HEADER] == reason
+        assert json.loads(body)["choices"] == call["response"]["choices"]  # the LLM's
+        [stored] = list(store.iter_calls())
+        route = ServedRoute.model_validate(stored.record.metadata["route"])
+        assert route.answered_by == "llm" and route.reason == reason
+        assert route.specialist.task_id == TEXT
+        assert route.specialist.confidence * 0.9 == pytest.approx(confidence)
+        # At the threshold exactly, the specialist answers.
+        deployment.pool.tasks[TEXT] = replace(task, threshold=confidence - 1e-9)
+        with running(deployment, store) as (url, fake):
+            [(status, headers, body)] = post(url, [call["request"]])
+        assert headers[ROUTE_HEADER] == TEXT and fake.seen == []
+    finally:
+        deployment.pool.tasks[TEXT] = task
 
 
 def test_an_invalid_specialist_answer_is_replaced_by_the_llms(deployment, store):
@@ -538,8 +572,8 @@ def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_p
 
 
 def test_adapters_switch_per_task_as_if_each_were_loaded_alone(deployment):
-    from slmify.evaluate import Specialist
     from slmify.models import inference_dtype
+    from slmify.runtime import Specialist
 
     request = parse_request(deployment.fireact[5]["request"])
     # TEXT, TOOL, then TEXT again: switching back gives the first adapter's answer again.
@@ -548,7 +582,7 @@ def test_adapters_switch_per_task_as_if_each_were_loaded_alone(deployment):
     # TOOL's adapter was attached second (load_adapter): alone, it answers the same.
     rt = deployment.pool.tasks[TOOL]
     alone = Specialist(rt.base_path, rt.adapter, 8)
-    assert alone.answer(build_prompt(alone.tokenizer, request, rt.pruning), True)[0] == tool
+    assert alone.answer(build_prompt(alone.tokenizer, request, rt.pruning), True).text == tool
     # Generation runs in the device's native half precision where it has one.
     assert alone.model.get_base_model().dtype == inference_dtype("cpu")
 
