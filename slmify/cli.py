@@ -11,6 +11,7 @@ and the error's exit code (1: a stage or its input failed; 2: bad config), no tr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -22,11 +23,23 @@ from slmify.errors import SlmifyError
 from slmify.workspace import Workspace, emit
 
 
+# Libraries whose own deprecation notices (`torch.jit.script_method is deprecated`,
+# transformers' renamed arguments) tell a user of slmify nothing they can act on.
+QUIET_LIBRARIES = (
+    r"(torch|transformers|peft|trl|accelerate|datasets|huggingface_hub|sentence_transformers"
+    r"|sklearn|bitsandbytes|safetensors|tokenizers)(\.|$)"
+)
+
+
 class Commands(TyperGroup):
     """The root group: every command runs inside its `invoke`, so one `except` here turns
-    any SlmifyError into one line and its exit code, whichever command raised it."""
+    any SlmifyError into one line and its exit code, whichever command raised it, and one
+    filter here silences the libraries' deprecation notices (by category and module, so
+    slmify's own warnings still show)."""
 
     def invoke(self, ctx: click.Context) -> object:
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=QUIET_LIBRARIES)
         try:
             return super().invoke(ctx)
         except SlmifyError as e:
@@ -347,14 +360,48 @@ def manifest(
     workspace: WorkspaceOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Write WORKSPACE/manifest.yaml (router, fallback LLM, every task promoted or on the
-    LLM with its reason, evaluation figures, savings) and serving exports: the `vllm serve`
-    command line and a LiteLLM proxy config under WORKSPACE/exports/."""
+    LLM with its reason, evaluation figures, savings) and exports under WORKSPACE/exports/:
+    the command starting vLLM with the promoted adapters (serve's generation backend) and a
+    LiteLLM config that puts LiteLLM in front of `slmify serve`."""
     from slmify.manifest import write_workspace_manifest
 
     ws = Workspace.resolve(workspace, store)
     with ws.open_store() as st:
         summary = write_workspace_manifest(ws.root, st)
     emit(summary, as_json)
+
+
+@app.command("report")
+def report(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write the HTML page. Default: WORKSPACE/report.html."),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One page to decide from (self-contained HTML, works offline): each task named and
+    described from its calls with examples, each specialist's learning curve, agreement,
+    confidence threshold and latency, the end-to-end headline, and the map of the calls.
+    --json prints the same content."""
+    from slmify.workspace_report import write_workspace_report
+
+    ws = Workspace.resolve(workspace, store)
+    with ws.open_store() as st:
+        doc = write_workspace_report(ws.root, st, out)
+    if as_json:
+        emit(doc, as_json)
+        return
+    h = doc["headline"]
+    emit(
+        {
+            "report": doc["html"],
+            "headline": h["text"] if h else "no end-to-end figures yet: run `slmify eval`",
+            "tasks": ", ".join(f"{t['id']}: {t['name']}" for t in doc["tasks"]),
+        },
+        False,
+    )
 
 
 @app.command("serve")

