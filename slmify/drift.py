@@ -161,13 +161,22 @@ def eval_report(ws_root: Path, task_id: str) -> Any:
 
 
 def adapter_digest(ws_root: Path, task_id: str) -> str:
-    adapter = ws_root / "specialists" / task_id / "adapter"
-    return files_digest([adapter / "adapter_config.json", adapter / "adapter_model.safetensors"])
+    """The trained specialist's bytes: its LoRA adapter or its label head."""
+    folder = ws_root / "specialists" / task_id
+    adapter, head = folder / "adapter", folder / "head"
+    return files_digest(
+        [
+            adapter / "adapter_config.json",
+            adapter / "adapter_model.safetensors",
+            head / "head.json",
+            head / "head.npz",
+        ]
+    )
 
 
 def eval_inputs(ws_root: Path, task_id: str, limit: int | None) -> str | None:
-    """Hash of what an evaluation reads: the adapter, the test split, the limit; None
-    when the task has no trained specialist."""
+    """Hash of what an evaluation reads: the specialist, the held-out splits, the limit;
+    None when the task has no trained specialist."""
     from slmify.schema import SpecialistResult
 
     folder = ws_root / "specialists" / task_id
@@ -176,8 +185,9 @@ def eval_inputs(ws_root: Path, task_id: str, limit: int | None) -> str | None:
     result = SpecialistResult.model_validate_json((folder / "result.json").read_text())
     if result.status != "trained":
         return None
-    test = json.loads((folder / "splits.json").read_text(encoding="utf-8"))["test"]
-    return content_hash([adapter_digest(ws_root, task_id), sorted(test), limit])
+    splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
+    held_out = [sorted(splits.get(s, [])) for s in ("test", "calibration")]
+    return content_hash([adapter_digest(ws_root, task_id), held_out, limit])
 
 
 def manifest_inputs(ws_root: Path, state: RunState) -> str:

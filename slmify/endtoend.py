@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slmify.decision import Decision, answer_decision, combined_confidence, route_decision
@@ -82,14 +82,25 @@ class Replay:
     judge: Callable[[CallRecord, str], float | None] | None
     cluster_task: dict[str, str]
 
+    def decidable(self, task_id: str) -> bool:
+        """Whether agreement with the LLM can be decided for this task's answers: free text
+        needs a judge or a similarity threshold the user set."""
+        task = self.pool.tasks[task_id]
+        return (
+            task.output_shape != "text"
+            or self.judge is not None
+            or self.cfgs[task_id].text_similarity is not None
+        )
+
     def run(
         self,
         calls: list[CallRecord],
-        compare_base: bool = False,
+        calibrating: bool = False,
         tick: Callable[[], None] = lambda: None,
     ) -> list[ReplayedCall]:
-        """Each call through the decision path; with `compare_base`, the base model of a
-        LoRA specialist answers it too (where its recipe's eval.compare_base says so)."""
+        """Each call through the decision path. Calibrating, a task whose agreement cannot
+        be decided is not asked (nothing to fit); testing, the base model of a LoRA
+        specialist answers too where its recipe's eval.compare_base says so."""
         threshold = self.router.meta["min_confidence"] if self.router is not None else 1.0
         out = []
         for start in range(0, len(calls), MAX_ROUTE_BATCH):
@@ -101,7 +112,10 @@ class Replay:
             for call, (picked, conf) in zip(batch, routes, strict=True):
                 tasks = self.pool.tasks
                 decision = route_decision(call.request, picked, conf, threshold, tasks, tasks)
-                out.append(self.answer(call, decision, compare_base))
+                if calibrating and decision.task_id and not self.decidable(decision.task_id):
+                    reason = "not-promoted: free text without a judge or eval.text_similarity"
+                    decision = replace(decision, task_id=None, reason=reason)
+                out.append(self.answer(call, decision, compare_base=not calibrating))
                 tick()
         return out
 
@@ -163,16 +177,16 @@ class Replay:
 # -- calibration --------------------------------------------------------------------------
 
 
-def fit_deferrals(
-    rows: list[ReplayedCall], cfgs: dict[str, EvalConfig], shapes: dict[str, str]
-) -> dict[str, Deferral]:
+def fit_deferrals(rows: list[ReplayedCall], replay: Replay) -> dict[str, Deferral]:
     """Per task, the threshold fitted on the calibration calls routed to it."""
     out = {}
-    for task_id, cfg in cfgs.items():
-        target = cfg.thresholds[shapes[task_id]]
+    for task_id, cfg in replay.cfgs.items():
+        target = cfg.thresholds[replay.pool.tasks[task_id].output_shape]
         mine = [r for r in rows if r.picked == task_id and r.answer is not None]
-        scored = [(r.confidence or 0.0, bool(r.agree)) for r in mine if r.agree is not None]
-        if len(scored) < len(mine):
+        # A call whose LLM answer is free text on a task of another shape is decided (the
+        # specialist did not answer in words): only a free-text task is undecidable.
+        scored = [(r.confidence or 0.0, bool(r.agree)) for r in mine]
+        if not replay.decidable(task_id):
             out[task_id] = Deferral(
                 threshold=None,
                 target=target,

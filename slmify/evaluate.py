@@ -246,11 +246,10 @@ def evaluate_workspace(
         return summary
     # 1. The deployment as serve would load it, every trained specialist a candidate.
     pool = SpecialistPool([t.runtime() for t in trained])
-    cfgs = {t.task.id: t.cfg for t in trained}
     deployment = Replay(
         router=_load_router(ws_root),
         pool=pool,
-        cfgs=cfgs,
+        cfgs={t.task.id: t.cfg for t in trained},
         encoder=TextEncoder(),
         judge=_judge_call(judge) if judge else None,
         cluster_task=read_assignments(ws_root / "assignments.jsonl"),
@@ -260,14 +259,14 @@ def evaluate_workspace(
     out.mkdir(parents=True, exist_ok=True)
     with _progress(sum(len(c) for c in calls.values()), progress) as tick:
         # 2. Calibration: fit each task's confidence threshold.
-        rows = deployment.run(calls["calibration"], tick=tick)
+        rows = deployment.run(calls["calibration"], calibrating=True, tick=tick)
         _write_rows(out / "calibration.jsonl", rows)
-        deferrals = fit_deferrals(rows, cfgs, {t.task.id: t.task.output_shape for t in trained})
+        deferrals = fit_deferrals(rows, deployment)
         for task_id, deferral in deferrals.items():
             threshold = serving_threshold(deferral)
             pool.tasks[task_id] = replace(pool.tasks[task_id], threshold=threshold)
         # 3. Test: the held-out sessions with those thresholds.
-        rows = deployment.run(calls["test"], compare_base=True, tick=tick)
+        rows = deployment.run(calls["test"], tick=tick)
     _write_rows(out / "test.jsonl", rows)
     by_task = {t.task.id: task_served(rows, t.task.id, t.cfg) for t in trained}
     promoted = set()
@@ -423,20 +422,46 @@ def _task_summary(report: EvalReport) -> dict[str, Any]:
 
 
 class _progress:
-    """A rich progress bar over test calls (or nothing); yields the function to advance it."""
+    """Progress over the held-out calls (or nothing): a rich bar on a terminal; else (a piped
+    log, CI) a plain line every $SLMIFY_PROGRESS_SECONDS (30) seconds and at the end: calls
+    done of all, rate, time left. Yields the function that advances it."""
 
     def __init__(self, total: int, enabled: bool):
+        import sys
+
         self.total, self.enabled, self.bar = total, enabled and total > 0, None
+        self.plain = self.enabled and not sys.stdout.isatty()
+        self.every = float(os.environ.get("SLMIFY_PROGRESS_SECONDS") or 30)
 
     def __enter__(self) -> Callable[[], None]:
         if not self.enabled:
             return lambda: None
+        if self.plain:
+            import time
+
+            self.done, self.clock = 0, time.perf_counter
+            self.started = self.last = self.clock()
+            print(f"eval: replaying {self.total} held-out calls", flush=True)
+            return self.tick
         from rich.progress import Progress
 
         self.bar = Progress(transient=True)
         self.bar.start()
         task = self.bar.add_task("evaluating test calls", total=self.total)
         return lambda: self.bar.advance(task)
+
+    def tick(self) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / rate
+            print(
+                f"eval: {self.done}/{self.total} calls, {rate:.1f} calls/s, "
+                f"{int(left // 60)}m{int(left % 60):02d}s left",
+                flush=True,
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

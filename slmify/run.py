@@ -297,7 +297,9 @@ class Pipeline:
         )
 
     def evaluate(self, store: Any) -> StageOutcome:
-        """Evaluate each trained specialist whose adapter, test split or limit changed."""
+        """Evaluate end to end when any trained specialist's adapter, held-out splits or
+        limit changed: the replay is of the whole deployment, so every specialist answers
+        again (one changed task changes what the router's other candidates see)."""
         from slmify.evaluate import evaluate_workspace, load_tasks
 
         todo, trained = [], {}
@@ -315,14 +317,17 @@ class Pipeline:
                 name="eval", ran=False, reason=f"{len(trained)} specialist(s) unchanged"
             )
         summary = evaluate_workspace(
-            self.ws.root, store, todo, self.cfg.eval.limit, None, self.progress, self.announce
+            self.ws.root, store, None, self.cfg.eval.limit, None, self.progress, self.announce
         )
-        self.state.eval.update({t: trained[t] for t in todo})
+        self.state.eval = dict(trained)
         return StageOutcome(
             name="eval",
             ran=True,
             reason=f"new or retrained specialist(s): {', '.join(todo)}",
-            details={t["id"]: t["status"] for t in summary["tasks"]},
+            details={
+                "headline": summary.get("headline"),
+                **{t["id"]: t["status"] for t in summary["tasks"]},
+            },
         )
 
     def manifest(self, store: Any) -> StageOutcome:

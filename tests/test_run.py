@@ -162,6 +162,11 @@ class Fakes:
     def evaluate_workspace(
         self, ws_root, store, task_ids=None, limit=None, judge=None, progress=True, announce=print
     ):
+        from slmify.evaluate import load_tasks, trained_task
+
+        if task_ids is None:  # the whole deployment, as the real eval replays it
+            tasks = load_tasks(ws_root)
+            task_ids = [t.id for t in tasks if not isinstance(trained_task(ws_root, t), str)]
         out = []
         for task_id in task_ids:
             self.evaluated.append(task_id)
@@ -316,8 +321,11 @@ def test_new_calls_of_one_task_retrain_only_that_task(fakes: Fakes, tmp_path: Pa
     assert stages["curate"] == "30 call(s) not curated yet"
     assert stages["cluster"] == "30 new call(s) placed in the existing tasks, no drift"
     assert fakes.clustered == 1  # placed by the router, not re-clustered
-    assert fakes.trained == ["t01-classify"] and fakes.evaluated == ["t01-classify"]
+    assert fakes.trained == ["t01-classify"]
     assert stages["train"] == "t01-classify: its calls changed"
+    # Eval replays the whole deployment: one retrained task changes what the others see.
+    assert sorted(fakes.evaluated) == sorted(t for t, _ in STEPS.values())
+    assert stages["eval"] == "new or retrained specialist(s): t01-classify"
     assert summary["drift"] == []
     tasks = json.loads((workspace().root / "cluster" / "tasks.json").read_text())["tasks"]
     sizes = {t["id"]: t["calls"] for t in tasks}
