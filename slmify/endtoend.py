@@ -183,9 +183,10 @@ def fit_deferrals(rows: list[ReplayedCall], replay: Replay) -> dict[str, Deferra
     for task_id, cfg in replay.cfgs.items():
         target = cfg.thresholds[replay.pool.tasks[task_id].output_shape]
         mine = [r for r in rows if r.picked == task_id and r.answer is not None]
-        # A call whose LLM answer is free text on a task of another shape is decided (the
-        # specialist did not answer in words): only a free-text task is undecidable.
-        scored = [(r.confidence or 0.0, bool(r.agree)) for r in mine]
+        # An answer that fails validation goes to the LLM whatever its confidence, so it
+        # says nothing about the threshold. A call whose LLM answer is free text on a task
+        # of another shape is decided (the specialist did not answer in words).
+        scored = [(r.confidence or 0.0, bool(r.agree)) for r in mine if _valid(r)]
         if not replay.decidable(task_id):
             out[task_id] = Deferral(
                 threshold=None,
@@ -230,16 +231,16 @@ def _bounds(flags: list[bool], cfg: EvalConfig) -> tuple[float | None, float | N
     return round(a.mean, 4), round(a.lower, 4)
 
 
+def _valid(row: ReplayedCall) -> bool:
+    return row.answer is not None and not row.reason.startswith("invalid-output")
+
+
 def task_served(rows: list[ReplayedCall], task_id: str, cfg: EvalConfig) -> TaskServed:
     """What `task_id` answered of the held-out calls routed to it, with and without its
     threshold; every valid answer counts in `without deferral`."""
     routed = [r for r in rows if r.picked == task_id]
     served = [bool(r.agree) for r in routed if r.answered_by == task_id]
-    valid = [
-        bool(r.agree)
-        for r in routed
-        if r.answer is not None and not r.reason.startswith("invalid-output")
-    ]
+    valid = [bool(r.agree) for r in routed if _valid(r)]
     mean, lower = _bounds(served, cfg)
     mean_all, lower_all = _bounds(valid, cfg)
     return TaskServed(
@@ -263,13 +264,7 @@ def end_to_end(
     """The headline over the held-out calls: only promoted tasks answer."""
     served = [r for r in rows if r.answered_by in promoted]
     flags = [bool(r.agree) for r in served]
-    valid_all = [
-        bool(r.agree)
-        for r in rows
-        if r.picked in promoted
-        and r.answer is not None
-        and not r.reason.startswith("invalid-output")
-    ]
+    valid_all = [bool(r.agree) for r in rows if r.picked in promoted and _valid(r)]
     mean, lower = _bounds(flags, cfg)
     mean_all, lower_all = _bounds(valid_all, cfg)
     latencies = [r.llm_latency_ms for r in served]
