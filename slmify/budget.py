@@ -104,13 +104,20 @@ def learning_curve(log_history: list[dict], base_loss: float) -> dict[str, list[
 
 
 class Bars:
-    """A rich progress bar over tasks and one over the current task's steps."""
+    """Progress over tasks and the current task's steps: rich bars on a terminal; else (a
+    piped log, CI) a plain line when a task starts and ends and every
+    $SLMIFY_PROGRESS_SECONDS (30) seconds between: step, loss, tokens/s, time left."""
 
     def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
+        import os
+        import sys
+
+        self.enabled, self.total, self.finished = enabled, total, 0
+        self.plain = enabled and not sys.stdout.isatty()
+        self.every = float(os.environ.get("SLMIFY_PROGRESS_SECONDS") or 30)
 
     def __enter__(self) -> Bars:
-        if self.enabled:
+        if self.enabled and not self.plain:
             from rich.progress import Progress
 
             self.progress = Progress(transient=False)
@@ -119,19 +126,42 @@ class Bars:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and not self.plain:
             self.progress.stop()
 
+    def say(self, line: str) -> None:
+        print(f"train {self.task_id}: {line}", flush=True)
+
     def start(self, task_id: str) -> None:
-        if self.enabled:
+        self.task_id = task_id
+        if self.plain:
+            self.say(f"task {self.finished + 1}/{self.total} started")
+        elif self.enabled:
             self.current = self.progress.add_task(task_id, total=None)
 
     def done(self) -> None:
-        if self.enabled:
+        self.finished += 1
+        if self.plain:
+            self.say(f"task {self.finished}/{self.total} done")
+        elif self.enabled:
             task = next(t for t in self.progress.tasks if t.id == self.current)
             total = task.total or 1
             self.progress.update(self.current, completed=total, total=total)
             self.progress.advance(self.overall)
+
+    def step_line(self, state: Any, started: float, first_step: int, tokens0: int) -> str:
+        """`step 12/40, loss 1.234, 850 tokens/s, 3m20s left` (time left at this pace)."""
+        elapsed = time.perf_counter() - started
+        done = state.global_step - first_step
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        left = (state.max_steps - state.global_step) * elapsed / done if done else None
+        tokens = (state.num_input_tokens_seen or 0) - tokens0
+        return (
+            f"step {state.global_step}/{state.max_steps}"
+            + (f", loss {losses[-1]:.4f}" if losses else "")
+            + (f", {tokens / elapsed:.0f} tokens/s" if tokens and elapsed else "")
+            + (f", {int(left // 60)}m{int(left % 60):02d}s left" if left is not None else "")
+        )
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -139,9 +169,19 @@ class Bars:
         bars = self
 
         class StepBar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+                self.started = self.last = time.perf_counter()
+                self.first, self.tokens0 = state.global_step, state.num_input_tokens_seen or 0
+
             def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-                bars.progress.update(
-                    bars.current, total=state.max_steps, completed=state.global_step
-                )
+                if not bars.plain:
+                    bars.progress.update(
+                        bars.current, total=state.max_steps, completed=state.global_step
+                    )
+                    return
+                now = time.perf_counter()
+                if now - self.last >= bars.every or state.global_step >= state.max_steps:
+                    self.last = now
+                    bars.say(bars.step_line(state, self.started, self.first, self.tokens0))
 
         return StepBar()

@@ -22,7 +22,6 @@ from typer.core import TyperGroup
 from slmify.errors import SlmifyError
 from slmify.workspace import Workspace, emit
 
-
 # Libraries whose own deprecation notices (`torch.jit.script_method is deprecated`,
 # transformers' renamed arguments) tell a user of slmify nothing they can act on.
 QUIET_LIBRARIES = (

@@ -3,7 +3,8 @@
 Writes `report.html` (the task table ranked by value, and a 2-D map of the calls
 coloured by task, unassigned calls in grey: t-SNE of a sample of the clustering
 features, drawn with matplotlib's Agg backend, a PNG embedded in the page) and
-`report.json` (the run summary and the task list).
+`report.json` (the run summary and the task list) and `map.json` (the map's points and
+each point's task, which `slmify report` draws with the tasks named).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def write_report(
     rows, points = map_points(features)
     png = map_png(points, [task_of[i] for i in rows], tasks)
     (folder / "report.html").write_text(render_html(summary, tasks, png), encoding="utf-8")
+    spots = {"points": np.round(points, 2).tolist(), "task": [task_of[i] for i in rows]}
+    (folder / "map.json").write_text(json.dumps(spots), encoding="utf-8")
     doc = {
         "schema_version": SCHEMA_VERSION,
         "summary": summary,
