@@ -77,6 +77,10 @@ def main() -> None:
         f"{e2e['agreement_without_deferral']} (lower {e2e['agreement_lower_without_deferral']})"
     )
     print(f"  reasons: {e2e['reasons']}")
+    print(
+        f"  router: {e2e['routed_share']:.1%} of held-out calls sent to a trained task, "
+        f"{e2e['routing_accuracy']} of those to the task the clustering gave them"
+    )
     cost, latency = e2e["llm_cost_usd_moved"], e2e["llm_latency_s_moved"]
     print(f"  LLM cost moved ${cost}, LLM latency moved {latency} s")
     print(

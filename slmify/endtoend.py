@@ -245,6 +245,7 @@ def task_served(rows: list[ReplayedCall], task_id: str, cfg: EvalConfig) -> Task
     mean_all, lower_all = _bounds(valid, cfg)
     return TaskServed(
         routed=len(routed),
+        routed_as_clustered=sum(r.cluster_task == task_id for r in routed),
         served=len(served),
         agreement=mean,
         agreement_lower=lower,
@@ -268,6 +269,7 @@ def end_to_end(
     mean, lower = _bounds(flags, cfg)
     mean_all, lower_all = _bounds(valid_all, cfg)
     latencies = [r.llm_latency_ms for r in served]
+    routed = [r for r in rows if r.picked in by_task]
     return EndToEnd(
         split="test",
         sessions=len({r.session_id or r.call_id for r in rows}),
@@ -282,6 +284,10 @@ def end_to_end(
         agreement_without_deferral=mean_all,
         agreement_lower_without_deferral=lower_all,
         reasons=dict(Counter(_code(r, promoted) for r in rows)),
+        routed_share=round(len(routed) / len(rows), 4) if rows else 0.0,
+        routing_accuracy=round(sum(r.picked == r.cluster_task for r in routed) / len(routed), 4)
+        if routed
+        else None,
         llm_cost_usd_moved=round(sum(cost_per_call.get(r.answered_by, 0.0) for r in served), 6),
         llm_latency_s_moved=round(sum(latencies) / 1000, 2)
         if served and all(x is not None for x in latencies)

@@ -361,6 +361,10 @@ class TaskServed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     routed: int
+    routed_as_clustered: int = Field(
+        description="Of the routed calls, those the clustering (which saw the LLM's answer) "
+        "put in this task too: the router's precision against it."
+    )
     served: int
     agreement: float | None
     agreement_lower: float | None
@@ -389,6 +393,11 @@ class EndToEnd(BaseModel):
     agreement_without_deferral: float | None
     agreement_lower_without_deferral: float | None
     reasons: dict[str, int] = Field(description="Calls per routing reason (code before ':').")
+    routed_share: float = Field(description="Held-out calls the router sent to a trained task.")
+    routing_accuracy: float | None = Field(
+        description="Of those, the share the clustering (which saw the LLM's answer) put in "
+        "the same task."
+    )
     llm_cost_usd_moved: float | None = Field(
         default=None, description="LLM cost of the served calls, at the price table."
     )

@@ -142,11 +142,13 @@ def test_a_misrouted_call_counts_against_the_task_that_got_it() -> None:
     cfg = EvalConfig()
     served = task_served(rows, "t01", cfg)
     assert (served.routed, served.served, served.served_without_deferral) == (4, 3, 4)
+    assert served.routed_as_clustered == 3  # b1 was clustered in t02
     assert served.agreement == pytest.approx(2 / 3, abs=1e-4)
     e2e = end_to_end(rows, {"t01"}, {"t01": served}, cfg, {"t01": 0.01})
     assert (e2e.calls, e2e.served) == (5, 3) and e2e.served_share == 0.6
     assert e2e.reasons == {"routed": 3, "deferred": 1, "no-match": 1}
     assert e2e.llm_cost_usd_moved == pytest.approx(0.03)
+    assert e2e.routed_share == 0.8 and e2e.routing_accuracy == 0.75
     # Not promoted: the same replay serves nothing.
     nothing = end_to_end(rows, set(), {"t01": served}, cfg, {})
     assert nothing.served == 0 and nothing.reasons["not-promoted"] == 4
