@@ -152,8 +152,11 @@ def name_tasks(
 
 def example(call: CallRecord) -> dict[str, str]:
     """An example call: the message the agent answered (an excerpt) and the LLM's answer."""
-    asked = call.request.messages[-1] if call.request.messages else {}
-    text = message_text(asked.get("content")).strip()
+    # The last message with words: a turn that only called a tool has none to show.
+    texts = [(m, message_text(m.get("content")).strip()) for m in call.request.messages]
+    asked, text = next(((m, t) for m, t in reversed(texts) if t), ({}, ""))
+    if asked.get("role") not in (None, "user"):
+        text = f"[{asked['role']}] {text}"
     tools = call.tool_calls()
     answer = "; ".join(f"{t['name']}({t['arguments']})" for t in tools) or call.output_text()
     return {

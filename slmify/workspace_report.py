@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from slmify.errors import SlmifyError
 from slmify.schema import (
@@ -31,6 +33,7 @@ from slmify.schema import (
 )
 from slmify.task_names import example, name_tasks
 
+M = TypeVar("M", bound=BaseModel)
 CALLS_PER_TASK = 300  # enough to describe a task; the store may hold millions
 EXAMPLES = 3
 # What each reason code (slmify.decision) means for a call that stays on the LLM.
@@ -71,7 +74,7 @@ def build_report(ws_root: Path, store: Any) -> dict[str, Any]:
     # 2. What calibration and the test sessions said.
     calibration = _rows(ws_root / "eval" / "endtoend" / "calibration.jsonl")
     summary_file = ws_root / "eval" / "endtoend" / "summary.json"
-    e2e = EndToEnd.model_validate_json(summary_file.read_text()) if summary_file.exists() else None
+    e2e = _read(EndToEnd, summary_file) if summary_file.exists() else None
     out_tasks = []
     for t in tasks:
         mine = calls.get(t.id, [])
@@ -123,6 +126,19 @@ def _task_calls(
     return out
 
 
+def _read(model: type[M], path: Path, text: str | None = None) -> M:
+    """A stage's file as its model; one written by another slmify version is named."""
+    try:
+        return model.model_validate_json(text or path.read_text(encoding="utf-8"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ReportError(
+            f"{path}: {where}: {first['msg']} (written by another slmify version? run the "
+            "stage that writes it again)"
+        ) from None
+
+
 def _labels(folder: Path) -> list[str] | None:
     head = folder / "head" / "head.json"
     if not head.exists():
@@ -137,7 +153,7 @@ def _rows(path: Path) -> dict[str, list[ReplayedCall]]:
         return out
     with path.open(encoding="utf-8") as f:
         for line in f:
-            row = ReplayedCall.model_validate_json(line)
+            row = _read(ReplayedCall, path, line)
             if row.picked is not None:
                 out.setdefault(row.picked, []).append(row)
     return out
@@ -165,7 +181,7 @@ def specialist(ws_root: Path, task_id: str, calibration: list[ReplayedCall]) -> 
     result_file = folder / "result.json"
     if not result_file.exists():
         return {"status": "untrained", "reason": "no specialist: run `slmify train`"}
-    result = SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+    result = _read(SpecialistResult, result_file)
     m = result.metrics
     out: dict[str, Any] = {
         "status": result.status,
@@ -182,7 +198,7 @@ def specialist(ws_root: Path, task_id: str, calibration: list[ReplayedCall]) -> 
     report_file = ws_root / "eval" / task_id / "report.json"
     if not report_file.exists():
         return out
-    report = EvalReport.model_validate_json(report_file.read_text(encoding="utf-8"))
+    report = _read(EvalReport, report_file)
     a, d = report.specialist.agreement, report.deferral
     curve = coverage_curve(calibration)
     chosen = None

@@ -202,3 +202,23 @@ def test_a_piped_log_shows_plain_progress_lines(
         r"^eval: (\d+)/(\d+) calls, [\d.]+ calls/s, \d+m\d\ds left$", result.output, re.M
     )
     assert ticks and ticks[-1][0] == ticks[-1][1] and len(ticks) == int(ticks[-1][1])
+
+
+def test_a_stage_file_from_another_version_is_named(tmp_path: Path) -> None:
+    from slmify.schema import TaskCluster
+
+    ws = tmp_path / "ws"
+    (ws / "cluster").mkdir(parents=True)
+    (ws / "eval" / "endtoend").mkdir(parents=True)
+    task = TaskCluster(id="t01-x", label="x", output_shape="text", calls=1, share=1.0)
+    doc = {"schema_version": 1, "tasks": [task.model_dump(mode="json")]}
+    (ws / "cluster" / "tasks.json").write_text(json.dumps(doc))
+    (ws / "assignments.jsonl").write_text('{"id": "c1", "task": "t01-x"}\n')
+    summary = ws / "eval" / "endtoend" / "summary.json"
+    summary.write_text('{"split": "test"}')
+    result = CliRunner().invoke(app, ["report", "-w", str(ws)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {summary}: sessions: Field required (written by another slmify version? "
+        "run the stage that writes it again)"
+    )
