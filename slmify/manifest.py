@@ -407,17 +407,27 @@ def fallback_llm(store: Any) -> FallbackLLM:
     )
 
 
+def served_fraction(entry: ManifestTask) -> float:
+    """The part of its task's calls a promoted specialist answers: on the held-out test
+    sessions, what it served of the calls routed to it (deferral keeps the rest on the
+    LLM); all of them for an evaluation without those figures."""
+    s = entry.served
+    return s.served / s.routed if s is not None and s.routed else 1.0
+
+
 def savings(tasks: list[TaskCluster], entries: list[ManifestTask]) -> Savings:
-    """What moves off the LLM if the promoted specialists serve their tasks."""
-    promoted = [e for e in entries if e.status == "promoted"]
+    """What moves off the LLM if the promoted specialists serve their tasks as evaluated."""
+    promoted = [(e, served_fraction(e)) for e in entries if e.status == "promoted"]
     cost = {t.id: t.llm_cost_usd for t in tasks}
-    latencies = [(e.evaluation.llm_latency_ms_p50, e.calls) for e in promoted if e.evaluation]
+    latencies = [
+        (e.evaluation.llm_latency_ms_p50, e.calls * f) for e, f in promoted if e.evaluation
+    ]
     latency_known = all(ms is not None for ms, _ in latencies)
     return Savings(
-        specialist_share=round(sum(e.share for e in promoted), 4),
-        specialist_calls=sum(e.calls for e in promoted),
+        specialist_share=round(sum(e.share * f for e, f in promoted), 4),
+        specialist_calls=round(sum(e.calls * f for e, f in promoted)),
         llm_cost_usd=round(sum(cost.values()), 4),
-        llm_cost_usd_moved=round(sum(cost[e.id] for e in promoted), 4),
+        llm_cost_usd_moved=round(sum(cost[e.id] * f for e, f in promoted), 4),
         # The median recorded latency times the calls: an estimate, the logs hold no more.
         llm_latency_s_moved=round(sum(ms * n for ms, n in latencies) / 1000, 1)
         if latency_known

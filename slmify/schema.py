@@ -514,7 +514,10 @@ class ManifestTask(BaseModel):
 class Savings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    specialist_share: float = Field(description="Share of calls served by promoted specialists.")
+    specialist_share: float = Field(
+        description="Share of all clustered calls promoted specialists serve: each task's "
+        "share times the part of its routed held-out calls it served (deferral included)."
+    )
     specialist_calls: int
     llm_cost_usd: float = Field(description="LLM cost of all clustered calls, at the price table.")
     llm_cost_usd_moved: float = Field(description="The part of it promoted tasks take off the LLM.")
