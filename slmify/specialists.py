@@ -8,10 +8,10 @@ nothing.
 
 Each base model is loaded once (`slmify.runtime.Specialist`: float weights on the GPU when
 there is one, greedy decoding, the template's end of turn as the stop, a confidence from the
-answer's token probabilities) and every promoted
-adapter of that base is attached to it by name (peft `load_adapter`); a request switches to
-its task's adapter with `set_adapter`. peft has one active adapter per model, so switching
-and generating happen under one lock. The prompt is built exactly as in training and
+answer's token probabilities). A base serving one adapter has it merged into its weights;
+a base serving several has each attached by name (peft `load_adapter`), and a request
+switches to its task's adapter with `set_adapter`. peft has one active adapter per model,
+so switching and generating happen under one lock. The prompt is built exactly as in training and
 evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
 with `parse_output`. A label-head task answers with its head (slmify.labelhead): the most
 likely label of its closed set, its probability as confidence.
@@ -267,16 +267,20 @@ class SpecialistPool:
         self._models: dict[str, Specialist] = {}
         self._adapter_name: dict[str, str] = {}
         self._heads: dict[str, Any] = {}
+        lora = [t.base_path for t in tasks if t.kind != "label-head"]
         for t in tasks:
             if t.kind == "label-head":
                 from slmify.labelhead import load_head
 
                 self._heads[t.id] = load_head(t.head)
             elif t.base_path not in self._models:
-                self._models[t.base_path] = Specialist(t.base_path, t.adapter, t.max_new_tokens)
-                self._adapter_name[t.id] = "default"  # PeftModel.from_pretrained's name
+                # A base serving one adapter has it merged: no LoRA matmuls per token.
+                merge = lora.count(t.base_path) == 1
+                spec = Specialist(t.base_path, t.adapter, t.max_new_tokens, merge=merge)
+                self._models[t.base_path] = spec
+                self._adapter_name[t.id] = spec.adapter
             else:
-                self._models[t.base_path].model.load_adapter(str(t.adapter), adapter_name=t.id)
+                self._models[t.base_path].add_adapter(t.adapter, t.id)
                 self._adapter_name[t.id] = t.id
 
     def answer(self, task_id: str, request: ChatRequest, use_adapter: bool = True) -> Answer:
@@ -296,7 +300,7 @@ class SpecialistPool:
             raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
         t0 = time.perf_counter()
         with self.lock:
-            spec.model.set_adapter(self._adapter_name[task_id])
+            spec.select(self._adapter_name[task_id])
             generated = spec.answer(prompt, use_adapter, cap, task.output_shape)
         latency_ms = (time.perf_counter() - t0) * 1000  # includes waiting for the lock
         text, stopped = _stop_at(generated.text, request.params.get("stop"))
