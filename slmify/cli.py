@@ -305,15 +305,20 @@ def train(
 @app.command("eval")
 def eval_(
     task: Annotated[
-        list[str] | None, typer.Option("--task", help="Evaluate only this task id (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="Only this task's specialist answers (repeatable); the headline then counts "
+            "what these alone would serve.",
+        ),
     ] = None,
     limit: Annotated[
         int | None,
         typer.Option(
             "--limit",
             min=1,
-            help="At most N test calls per task (a fixed sample by call-id hash): faster on "
-            "CPU; the gate's confidence bound widens with the smaller sample.",
+            help="At most N held-out calls per split, calibration and test (a fixed sample by "
+            "call-id hash): faster on CPU; the confidence bounds widen with the smaller sample.",
         ),
     ] = None,
     judge_url: Annotated[
@@ -331,9 +336,11 @@ def eval_(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score each specialist and its base model against the LLM on the task's frozen test
-    split, and gate it: promoted, or kept on the LLM with the reason. Writes
-    WORKSPACE/eval/<task id>/calls.jsonl and report.json."""
+    """Replay the held-out sessions through the serving decision path (router, scope,
+    specialist, validation, confidence threshold): fit each task's threshold on the
+    calibration sessions, gate each task on what it served of the test sessions, and print
+    the share of held-out calls specialists answer at the LLM's quality. Writes
+    WORKSPACE/eval/endtoend/ and eval/<task id>/report.json."""
     from slmify.evaluate import Judge, evaluate_workspace
 
     if (judge_url is None) != (judge_model is None):
