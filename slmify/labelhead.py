@@ -33,6 +33,7 @@ EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 MAX_SEQ_LENGTH = 256
 MAX_LABELS = 50  # more distinct answers than this is not a closed label set
 NGRAMS = (1, 2)
+C_GRID = (1.0, 10.0, 100.0)  # logistic regression's inverse regularization, chosen by CV
 
 
 class LabelHeadError(ValueError):
@@ -143,12 +144,34 @@ def fit_head(calls: list[CallRecord], seed: int = 0) -> LabelHead:
     if len(labels) == 1:  # one label: always answer it, with certainty
         head.coef, head.intercept = np.zeros((1, X.shape[1]), np.float32), np.zeros(1, np.float32)
         return head
-    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(X, y)
+    C, head.meta["cv_accuracy"] = _choose_c(X, y, seed)
+    head.meta["C"] = C
+    model = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(X, y)
     coef, intercept = model.coef_, model.intercept_
     if len(labels) == 2:  # sklearn keeps one row for two classes; softmax needs both
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
     head.coef, head.intercept = coef.astype(np.float32), intercept.astype(np.float32)
     return head
+
+
+def _choose_c(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float | None]:
+    """The regularization with the best cross-validated log-loss, and its accuracy; the
+    middle value when a label has too few examples to cross-validate."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_validate
+
+    folds = min(5, int(np.bincount(y).min()))
+    if folds < 3:
+        return C_GRID[1], None
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    best: tuple[float, float, float | None] = (-np.inf, C_GRID[1], None)
+    for C in C_GRID:
+        model = LogisticRegression(C=C, max_iter=5000, random_state=seed)
+        scores = cross_validate(model, X, y, cv=cv, scoring=("neg_log_loss", "accuracy"))
+        loss = float(scores["test_neg_log_loss"].mean())
+        if loss > best[0]:
+            best = (loss, C, round(float(scores["test_accuracy"].mean()), 4))
+    return best[1], best[2]
 
 
 def _fit_vocabulary(texts: list[str]) -> tuple[dict[str, int], np.ndarray]:
@@ -180,12 +203,14 @@ def head_accuracy(head: LabelHead, calls: list[CallRecord]) -> float | None:
 def train_head(
     task_id: str, calls: list[CallRecord], train_ids: set[str], validation_ids: set[str], out: Path
 ) -> tuple[dict[str, Any], str | None]:
-    """Fit and save the task's head on its train split (`out`/head/); metrics, and why
-    not when its answers are no closed label set (the caller trains a LoRA instead)."""
+    """Fit and save the task's head (`out`/head/) on its train and validation splits (a
+    head has no training run to stop early, so validation calls are training data; its
+    regularization is chosen by cross-validation on them, whose accuracy is reported);
+    metrics, and why not when its answers are no closed label set (the caller trains a
+    LoRA instead)."""
     import time
 
-    train = [c for c in calls if c.id in train_ids]
-    validation = [c for c in calls if c.id in validation_ids]
+    train = [c for c in calls if c.id in train_ids or c.id in validation_ids]
     start = time.perf_counter()
     try:
         head = fit_head(train)
@@ -196,7 +221,7 @@ def train_head(
         "kind": "label-head",
         "labels": head.labels,
         "train_examples": len(train),
-        "validation_examples": len(validation),
-        "validation_accuracy": head_accuracy(head, validation),
+        "C": head.meta["C"],
+        "cv_accuracy": head.meta["cv_accuracy"],
         "wall_s": round(time.perf_counter() - start, 2),
     }, None

@@ -199,8 +199,8 @@ def learning_chart(s: dict[str, Any]) -> str:
         if pts
     ]
     if not series:
-        acc = s.get("validation_accuracy")
-        what = f"validation accuracy {_num(acc)}" if acc is not None else "no curve recorded"
+        acc = s.get("cv_accuracy")
+        what = f"cross-validated accuracy {_num(acc)}" if acc is not None else "no curve recorded"
         return f'<p class="muted">Learning curve: none for a {_e(s["kind"])} ({what}).</p>'
     body, _, _ = line_plot(series, "step", "loss")
     return _chart("Learning curve (loss by step; step 0 is the base model)", body)

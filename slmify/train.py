@@ -159,7 +159,7 @@ def train_all(
             if "base_validation_loss" in (m := r["metrics"])
         },
         "label_heads": {
-            r["id"]: f"validation accuracy {m['validation_accuracy']}"
+            r["id"]: f"cross-validated accuracy {m['cv_accuracy']}"
             for r in results
             if r["kind"] == "label-head" and (m := r["metrics"])
         },

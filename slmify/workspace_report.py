@@ -192,7 +192,7 @@ def specialist(ws_root: Path, task_id: str, calibration: list[ReplayedCall]) -> 
         "stopped": m.get("stopped"),
         "validation_loss": m.get("validation_loss"),
         "base_validation_loss": m.get("base_validation_loss"),
-        "validation_accuracy": m.get("validation_accuracy"),
+        "cv_accuracy": m.get("cv_accuracy"),
         "evaluation": None,
     }
     report_file = ws_root / "eval" / task_id / "report.json"
