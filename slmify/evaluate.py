@@ -147,13 +147,27 @@ def load_tasks(ws_root: Path) -> list[TaskCluster]:
     return [TaskCluster.model_validate(t) for t in items]
 
 
+def read_result(folder: Path) -> SpecialistResult | None:
+    """A task's `result.json`, its adapter or head found in `folder` as `slmify train` lays
+    it out, not at the path recorded then: a workspace may have been moved or copied."""
+    result_file = folder / "result.json"
+    if not result_file.exists():
+        return None
+    result = SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+    return result.model_copy(
+        update={
+            "adapter": str(folder / "adapter") if result.adapter else None,
+            "head": str(folder / "head") if result.head else None,
+        }
+    )
+
+
 def trained_task(ws_root: Path, task: TaskCluster) -> TrainedTask | str:
     """The task's specialist files, or why there is no specialist to evaluate."""
     folder = ws_root / "specialists" / task.id
-    result_file = folder / "result.json"
-    if not result_file.exists():
+    result = read_result(folder)
+    if result is None:
         return "no specialist trained (run `slmify train`)"
-    result = SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
     if result.status != "trained" or not (result.adapter or result.head):
         return f"no specialist: training {result.status}" + (
             f" ({result.reason})" if result.reason else ""

@@ -250,13 +250,11 @@ def build_manifest(ws_root: Path, store: Any) -> Manifest:
 
 def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
     """One task's entry: its specialist and evaluation when they exist, and the decision."""
+    from slmify.evaluate import read_result
+
     folder = ws_root / "specialists" / task.id
-    result_file, report_file = folder / "result.json", ws_root / "eval" / task.id / "report.json"
-    result = (
-        SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-        if result_file.exists()
-        else None
-    )
+    report_file = ws_root / "eval" / task.id / "report.json"
+    result = read_result(folder)
     entry = ManifestTask(
         id=task.id,
         label=task.label,

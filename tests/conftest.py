@@ -99,3 +99,46 @@ def make_tiny_base(folder: Path) -> Path:
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random base model for the whole run (see `make_tiny_base`)."""
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "calls.jsonl.gz"
+# Train settings that make every stage run in seconds with the tiny base (held-out splits
+# large enough to calibrate and gate on).
+TINY_TRAIN = [
+    "model.license=apache-2.0",
+    "train.max_steps=1",
+    "dataset.max_train_examples=4",
+    "dataset.max_eval_examples=2",
+    "dataset.test_fraction=0.3",
+    "dataset.calibration_fraction=0.3",
+    "eval.max_new_tokens=3",
+]
+
+
+def run_cli(*args: str) -> dict:
+    """`slmify ARGS --json` through typer's runner; its JSON summary (exit 0 asserted)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from slmify.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.fixture(scope="session")
+def demo_trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    """The demo agent's workspace as `slmify cluster` and `slmify train` leave it, every
+    file written by the stage itself (tiny base; the real MiniLM label head). Copy it
+    before changing it: it is shared by the whole run."""
+    ws = tmp_path_factory.mktemp("demo-trained") / "ws"
+    run_cli("collect", "import", str(DEMO), "--curate", "-w", str(ws))
+    run_cli("cluster", "-w", str(ws), "--set", "n_clusters=4")
+    run_cli("train", "-w", str(ws), *sets([f"model.base={tiny_base}", *TINY_TRAIN]))
+    return ws

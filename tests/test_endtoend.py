@@ -7,42 +7,20 @@ Every stage file here is written by the stage itself, through the CLI; nothing i
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import run_cli as _cli
 
-from slmify.cli import app
 from slmify.schema import EndToEnd, EvalReport, ReplayedCall
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo" / "calls.jsonl.gz"
-
-
-def _cli(*args: str) -> dict:
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    """The demo agent's workspace as `slmify cluster` and `slmify train` leave it."""
+def trained(tmp_path_factory: pytest.TempPathFactory, demo_trained: Path) -> Path:
+    """This module's copy of the trained demo workspace (its tests evaluate into it)."""
     ws = tmp_path_factory.mktemp("e2e") / "ws"
-    _cli("collect", "import", str(DEMO), "--curate", "-w", str(ws))
-    _cli("cluster", "-w", str(ws), "--set", "n_clusters=4")
-    overrides = [
-        f"model.base={tiny_base}",
-        "model.license=apache-2.0",
-        "train.max_steps=1",
-        "dataset.max_train_examples=4",
-        "dataset.max_eval_examples=2",
-        "dataset.test_fraction=0.3",
-        "dataset.calibration_fraction=0.3",
-        "eval.max_new_tokens=3",
-    ]
-    _cli("train", "-w", str(ws), *[x for o in overrides for x in ("--set", o)])
+    shutil.copytree(demo_trained, ws)
     return ws
 
 

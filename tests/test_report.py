@@ -13,40 +13,18 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TRAIN, sets
+from conftest import run_cli as _cli
 from typer.testing import CliRunner
 
 from slmify.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo" / "calls.jsonl.gz"
-TINY = [
-    "model.license=apache-2.0",
-    "train.max_steps=1",
-    "dataset.max_train_examples=4",
-    "dataset.max_eval_examples=2",
-    "dataset.test_fraction=0.3",
-    "dataset.calibration_fraction=0.3",
-    "eval.max_new_tokens=3",
-]
-
-
-def _cli(*args: str) -> dict:
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
-
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+def evaluated(tmp_path_factory: pytest.TempPathFactory, demo_trained: Path) -> Path:
     """The demo workspace as `slmify eval` leaves it (a sample of held-out calls)."""
     ws = tmp_path_factory.mktemp("report") / "ws"
-    _cli("collect", "import", str(DEMO), "--curate", "-w", str(ws))
-    _cli("cluster", "-w", str(ws), "--set", "n_clusters=4")
-    _cli("train", "-w", str(ws), *_sets([f"model.base={tiny_base}", *TINY]))
+    shutil.copytree(demo_trained, ws)
     _cli("eval", "-w", str(ws), "--limit", "80")
     return ws
 
@@ -178,12 +156,15 @@ def test_a_piped_log_shows_plain_progress_lines(
     monkeypatch.setenv("SLMIFY_PROGRESS_SECONDS", "0")
     tasks = json.loads((ws / "cluster" / "tasks.json").read_text())["tasks"]
     task = next(t["id"] for t in tasks if t["output_shape"] == "tool_call")
-    overrides = [f"model.base={tiny_base}", *TINY, "train.max_steps=2", "train.logging_steps=1"]
+    overrides = [
+        f"model.base={tiny_base}",
+        *TINY_TRAIN,
+        "train.max_steps=2",
+        "train.logging_steps=1",
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = CliRunner().invoke(
-            app, ["train", "-w", str(ws), "--task", task, *_sets(overrides)]
-        )
+        result = CliRunner().invoke(app, ["train", "-w", str(ws), "--task", task, *sets(overrides)])
         # The CLI's filter: the libraries' deprecations are silenced, slmify's are not.
         warnings.warn_explicit("theirs", FutureWarning, "x.py", 1, module="transformers.x")
         warnings.warn_explicit("ours", FutureWarning, "y.py", 1, module="slmify.train")
