@@ -92,8 +92,9 @@ def answer_decision(decision: Decision, answer: Answer, task: TaskRuntime) -> De
         return replace(decision, task_id=None, reason=f"invalid-output: {answer.problem}")
     score = combined_confidence(answer, decision)
     if task.threshold is not None and score < task.threshold:
-        reason = f"deferred: low-confidence {score:.2f} < {task.threshold:.2f}"
         if task.threshold == math.inf:
             reason = "deferred: calibration found no confidence at which it agrees enough"
+        else:
+            reason = f"deferred: low-confidence {score:.2f} < {task.threshold:.2f}"
         return replace(decision, task_id=None, reason=reason)
     return decision

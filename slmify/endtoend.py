@@ -102,6 +102,7 @@ class Replay:
         be decided is not asked (nothing to fit); testing, the base model of a LoRA
         specialist answers too where its recipe's eval.compare_base says so."""
         threshold = self.router.meta["min_confidence"] if self.router is not None else 1.0
+        tasks = self.pool.tasks
         out = []
         for start in range(0, len(calls), MAX_ROUTE_BATCH):
             batch = calls[start : start + MAX_ROUTE_BATCH]
@@ -110,7 +111,6 @@ class Replay:
             else:
                 routes = self.router.route_many([c.request for c in batch])
             for call, (picked, conf) in zip(batch, routes, strict=True):
-                tasks = self.pool.tasks
                 decision = route_decision(call.request, picked, conf, threshold, tasks, tasks)
                 if calibrating and decision.task_id and not self.decidable(decision.task_id):
                     reason = "not-promoted: free text without a judge or eval.text_similarity"

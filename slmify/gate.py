@@ -121,18 +121,21 @@ def agreement(
     )
 
 
-def decide(specialist: Agreement, shape: OutputShape, cfg: EvalConfig) -> GateDecision:
-    """Promote, or keep on the LLM with the reason and its numbers."""
+def decide(
+    specialist: Agreement, shape: OutputShape, cfg: EvalConfig, calls: str = "test calls"
+) -> GateDecision:
+    """Promote, or keep on the LLM with the reason and its numbers (`calls`: what the
+    agreement was measured on, as the reason names it)."""
     threshold = cfg.thresholds[shape]
     if specialist.n < cfg.min_test_calls:
         return GateDecision(
             status="llm",
             threshold=threshold,
-            reason=f"too few test calls: {specialist.n} < min_test_calls {cfg.min_test_calls}",
+            reason=f"too few {calls}: {specialist.n} < min_test_calls {cfg.min_test_calls}",
         )
     what = "agreement" if specialist.method == "wilson" else "mean similarity"
     figures = (
-        f"{what} {specialist.mean:.3f} over {specialist.n} test calls, "
+        f"{what} {specialist.mean:.3f} over {specialist.n} {calls}, "
         f"{specialist.confidence:.0%} lower bound {specialist.lower:.3f} ({specialist.method})"
     )
     if specialist.lower >= threshold:
@@ -178,16 +181,6 @@ def decide_served(
     served: Agreement | None, shape: OutputShape, cfg: EvalConfig, why_not: str | None
 ) -> GateDecision:
     """The gate on what the task's specialist served of the held-out test sessions."""
-    threshold = cfg.thresholds[shape]
     if why_not is not None:
-        return GateDecision(status="llm", threshold=threshold, reason=why_not)
-    if served is None or served.n < cfg.min_test_calls:
-        n = served.n if served else 0
-        return GateDecision(
-            status="llm",
-            threshold=threshold,
-            reason=f"too few held-out calls served: {n} < min_test_calls {cfg.min_test_calls}",
-        )
-    decision = decide(served, shape, cfg)
-    decision.reason = decision.reason.replace(" test calls", " served held-out calls")
-    return decision
+        return GateDecision(status="llm", threshold=cfg.thresholds[shape], reason=why_not)
+    return decide(served or agreement([], cfg), shape, cfg, "served held-out calls")

@@ -47,17 +47,14 @@ def head_texts(request: ChatRequest) -> tuple[str, str]:
     return view.task_text, view.turn_text
 
 
-def _counter(vocabulary: dict[str, int]) -> Any:
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    return CountVectorizer(ngram_range=NGRAMS, vocabulary=vocabulary or None)
-
-
 def tfidf(texts: list[str], vocabulary: dict[str, int], idf: np.ndarray) -> np.ndarray:
     """Unit-length sublinear TF-IDF rows over a fixed vocabulary (none: zero columns)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
     if not vocabulary:
         return np.zeros((len(texts), 0), np.float32)
-    counts = _counter(vocabulary).transform(texts).toarray().astype(np.float32)
+    counter = CountVectorizer(ngram_range=NGRAMS, vocabulary=vocabulary)
+    counts = counter.transform(texts).toarray().astype(np.float32)
     weights = np.where(counts > 0, 1.0 + np.log(np.maximum(counts, 1.0)), 0.0) * idf
     norms = np.linalg.norm(weights, axis=1, keepdims=True)
     return (weights / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -188,29 +185,18 @@ def _fit_vocabulary(texts: list[str]) -> tuple[dict[str, int], np.ndarray]:
     return vocabulary, idf.astype(np.float32)
 
 
-def head_accuracy(head: LabelHead, calls: list[CallRecord]) -> float | None:
-    """Share of `calls` whose LLM label the head answers (None without calls)."""
-    if not calls:
-        return None
-    probs = head.probabilities([c.request for c in calls])
-    hits = [
-        normalize_label(head.labels[int(p.argmax())]) == normalize_label(c.output_text())
-        for p, c in zip(probs, calls, strict=True)
-    ]
-    return sum(hits) / len(hits)
-
-
 def train_head(
-    task_id: str, calls: list[CallRecord], train_ids: set[str], validation_ids: set[str], out: Path
+    calls: list[CallRecord], ids: set[str], out: Path
 ) -> tuple[dict[str, Any], str | None]:
-    """Fit and save the task's head (`out`/head/) on its train and validation splits (a
-    head has no training run to stop early, so validation calls are training data; its
+    """Fit and save the task's head (`out`/head/) on the calls named in `ids`, its train
+    and validation splits (a head has no training run to stop early, so validation calls
+    are training data; its
     regularization is chosen by cross-validation on them, whose accuracy is reported);
     metrics, and why not when its answers are no closed label set (the caller trains a
     LoRA instead)."""
     import time
 
-    train = [c for c in calls if c.id in train_ids or c.id in validation_ids]
+    train = [c for c in calls if c.id in ids]
     start = time.perf_counter()
     try:
         head = fit_head(train)

@@ -192,8 +192,8 @@ def train_task(
     if task.output_shape == "label" and recipe.label.specialist == "head":
         from slmify.labelhead import train_head
 
-        ids = {s: {r["id"] for r in rows[s]} for s in ("train", "validation")}
-        metrics, why_not = train_head(task.id, calls, ids["train"], ids["validation"], out)
+        ids = {r["id"] for s in ("train", "validation") for r in rows[s]}
+        metrics, why_not = train_head(calls, ids, out)
         if why_not is None:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             return SpecialistResult(
