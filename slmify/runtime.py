@@ -279,5 +279,6 @@ class TextEncoder:
         if self.model is None:
             from slmify.embed import Embedder
 
-            self.model = Embedder()
+            # 256 word pieces, as sentence-transformers loads this model by default.
+            self.model = Embedder(max_seq_length=256)
         return self.model.encode(texts)
