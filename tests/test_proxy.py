@@ -168,6 +168,23 @@ def proxy(upstream: str, store: Any, timeout_s: float = 5.0) -> Iterator[tuple[s
         writer.close()
 
 
+def start_cli_proxy(upstream: str, ws: Path) -> tuple[subprocess.Popen, str]:
+    """`slmify collect proxy --json` in its own process on a free port, and its base URL
+    once it says it listens."""
+    cmd = [str(Path(sys.executable).parent / "slmify"), "collect", "proxy"]
+    cmd += ["--upstream", f"{upstream}/v1", "--port", "0", "--json", "-w", str(ws)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    line = proc.stderr.readline()
+    assert line.startswith("slmify proxy listening on http://127.0.0.1:"), line
+    return proc, line.split()[4].rstrip(",").removesuffix("/v1")
+
+
 def send(url: str, bodies: list[dict[str, Any]], headers: dict[str, str] | None = None):
     """POST each body to URL/v1/chat/completions in turn: [(status, body bytes)]."""
 
@@ -382,29 +399,8 @@ def test_sse_parsing_and_parallel_tool_call_merging():
 def test_cli_records_until_interrupted_and_prints_the_summary(tau_calls, tmp_path):
     fake = FakeLLM(tau_calls)
     with serving(fake.app) as up:
-        cmd = [
-            str(Path(sys.executable).parent / "slmify"),
-            "collect",
-            "proxy",
-            "--upstream",
-            f"{up}/v1",
-            "--port",
-            "0",
-            "--json",
-            "-w",
-            str(tmp_path / "cli-ws"),
-        ]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        proc, url = start_cli_proxy(up, tmp_path / "cli-ws")
         try:
-            line = proc.stderr.readline()
-            assert line.startswith("slmify proxy listening on http://127.0.0.1:"), line
-            url = line.split()[4].rstrip(",").removesuffix("/v1")
             bodies = [c["request"] for c in tau_calls[:4]] + [
                 {**tau_calls[4]["request"], "stream": True}
             ]

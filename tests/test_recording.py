@@ -9,11 +9,8 @@ import asyncio
 import gzip
 import itertools
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import dataset
-from test_proxy import FakeLLM, serving
+from test_proxy import FakeLLM, serving, start_cli_proxy
 
 from slmify import proxy as proxy_module
 from slmify import store as store_module
@@ -84,20 +81,8 @@ def test_kill_9_after_a_burst_loses_no_answered_call(tau_calls, tmp_path: Path) 
     lock = sqlite3.connect(db, isolation_level=None)
     fake = FakeLLM(tau_calls)
     with serving(fake.app) as up:
-        slmify = str(Path(sys.executable).parent / "slmify")
-        cmd = [slmify, "collect", "proxy", "--upstream", f"{up}/v1"]
-        cmd += ["--port", "0", "--json", "-w", str(ws)]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        proc, url = start_cli_proxy(up, ws)
         try:
-            line = proc.stderr.readline()
-            assert "listening on http://127.0.0.1:" in line, line
-            url = line.split()[4].rstrip(",").removesuffix("/v1")
             lock.execute("BEGIN IMMEDIATE")  # from here on the proxy cannot commit
             statuses = asyncio.run(burst(url, [c["request"] for c in tau_calls] * 7, 200))
             assert statuses == [200] * 200
