@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from slmify.errors import SlmifyError
 from slmify.schema import CallRecord, Curation
@@ -271,19 +272,30 @@ class Store:
                     continue
                 seen.add(row[0])
                 fresh.append(row)
-            # ON CONFLICT covers a concurrent writer (another proxy) racing on the same id.
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO calls (id, source, timestamp, session_id, agent, model, status,"
-                    " content_hash, record, imported_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
-                    " ON CONFLICT (id) DO NOTHING"
-                ),
-                fresh,
-            )
+            self._insert_rows(cur, fresh)
             return len(fresh), dups
 
         return self._transaction(insert)
+
+    def _insert_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
+        """INSERT the rows, several per statement in SQLite: one statement is one step of
+        the engine, during which the GIL is released, so an importer that writes from a
+        second thread parses on (executemany takes the GIL back for every row)."""
+        sql = (
+            "INSERT INTO calls (id, source, timestamp, session_id, agent, model, status,"
+            " content_hash, record, imported_at) VALUES {}"
+            # ON CONFLICT covers a concurrent writer (another proxy) racing on the same id.
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
+        if self.dialect == "postgresql":
+            cur.executemany(self._sql(sql.format(one)), rows)
+            return
+        # The build's limit on ? per statement (999 before SQLite 3.32, 32,766 after).
+        per = max(1, self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 9)
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            cur.execute(sql.format(", ".join([one] * len(chunk))), [v for r in chunk for v in r])
 
     def _existing_ids(self, cur: Any, ids: list[str]) -> list[str]:
         found: list[str] = []
@@ -482,8 +494,28 @@ def call_row(r: CallRecord) -> tuple[Any, ...]:
         r.request.model,
         r.status,
         r.content_hash(),
-        r.model_dump_json(),
+        record_json(r),
     )
+
+
+def record_json(r: BaseModel) -> str:
+    """`r.model_dump_json()`, read back to an equal record, in a quarter of the time: orjson
+    over the models' own fields (JSON values as parsed) instead of pydantic's serializer,
+    which was a fifth of an import. What orjson refuses (integers over 64 bits, nesting
+    over 255 levels) goes to pydantic, so the same records are stored or refused as before."""
+    import orjson
+
+    try:
+        options = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
+        return orjson.dumps(_fields(r), option=options).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return r.model_dump_json()
+
+
+def _fields(model: BaseModel) -> dict[str, Any]:
+    # __dict__ holds exactly the fields (no extras, none private); iterating the model
+    # itself goes through a Python generator per field, a tenth of this function's time.
+    return {k: _fields(v) if isinstance(v, BaseModel) else v for k, v in model.__dict__.items()}
 
 
 def dump_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
