@@ -272,30 +272,19 @@ class Store:
                     continue
                 seen.add(row[0])
                 fresh.append(row)
-            self._insert_rows(cur, fresh)
+            # ON CONFLICT covers a concurrent writer (another proxy) racing on the same id.
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO calls (id, source, timestamp, session_id, agent, model, status,"
+                    " content_hash, record, imported_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
+                    " ON CONFLICT (id) DO NOTHING"
+                ),
+                fresh,
+            )
             return len(fresh), dups
 
         return self._transaction(insert)
-
-    def _insert_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
-        """INSERT the rows, several per statement in SQLite: one statement is one step of
-        the engine, during which the GIL is released, so an importer that writes from a
-        second thread parses on (executemany takes the GIL back for every row)."""
-        sql = (
-            "INSERT INTO calls (id, source, timestamp, session_id, agent, model, status,"
-            " content_hash, record, imported_at) VALUES {}"
-            # ON CONFLICT covers a concurrent writer (another proxy) racing on the same id.
-            " ON CONFLICT (id) DO NOTHING"
-        )
-        one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
-        if self.dialect == "postgresql":
-            cur.executemany(self._sql(sql.format(one)), rows)
-            return
-        # The build's limit on ? per statement (999 before SQLite 3.32, 32,766 after).
-        per = max(1, self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 9)
-        for i in range(0, len(rows), per):
-            chunk = rows[i : i + per]
-            cur.execute(sql.format(", ".join([one] * len(chunk))), [v for r in chunk for v in r])
 
     def _existing_ids(self, cur: Any, ids: list[str]) -> list[str]:
         found: list[str] = []
