@@ -372,12 +372,12 @@ class Store:
                 ),
                 [
                     (
-                        rec.model_dump_json(),
+                        record_json(rec),
                         cur_.masked_hash or rec.content_hash(),
                         cur_.model_dump_json(),
                         cur_.duplicate_of,
                         cur_.excluded,
-                        raw.model_dump_json() if raw is not None else None,
+                        record_json(raw) if raw is not None else None,
                         rec.id,
                     )
                     for rec, cur_, raw in updates
