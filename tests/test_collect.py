@@ -599,6 +599,54 @@ def test_same_id_with_other_content_is_a_conflict(tmp_path: Path) -> None:
     ]
 
 
+def test_rejects_keep_line_order_across_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are written by a second thread while the next is read; rejects still come
+    as a one-thread import wrote them: a batch's unreadable lines, then its conflicts."""
+    monkeypatch.setattr(collect, "BATCH", 2)
+    first = write_jsonl(tmp_path / "a.jsonl", [openai_log(i) for i in range(6)])
+    changed = [
+        openai_log(i, request={"messages": [{"role": "user", "content": "x"}]}) for i in range(6)
+    ]
+    rows = [changed[0], "{bad\n", changed[1], openai_log(2), "[]\n", changed[3], changed[4]]
+    rows += ["{bad\n", openai_log(10), changed[5], "{bad\n"]
+    second = write_jsonl(tmp_path / "b.jsonl", rows)
+    summary, records, rejects = run_import(tmp_path, first, second)
+    assert (summary["imported"], summary["duplicates"], summary["conflicts"]) == (7, 1, 5)
+    assert summary["rejected"] == 4
+    assert [r["line"] for r in rejects] == [2, 1, 3, 5, 6, 8, 7, 11, 10]
+    assert [r.id for r in records] == [f"call-{i}" for i in [0, 1, 2, 3, 4, 5, 10]]
+
+
+def gz_lines(n: int) -> bytes:
+    return "".join(json.dumps(openai_log(i)) + "\n" for i in range(n)).encode()
+
+
+def test_gzip_members_and_zero_padding_are_read_like_gzip(tmp_path: Path) -> None:
+    """`cat a.gz b.gz` and zero padding between members, as gzip itself reads them."""
+    text = gz_lines(40)
+    cut = text.index(b"\n", len(text) // 2) + 1
+    path = tmp_path / "calls.jsonl.gz"
+    path.write_bytes(
+        gzip.compress(text[:cut]) + b"\0" * 5000 + gzip.compress(text[cut:]) + b"\0" * 7
+    )
+    summary, records, rejects = run_import(tmp_path, path)
+    assert (summary["imported"], rejects) == (40, [])
+    assert [r.id for r in records] == [f"call-{i}" for i in range(40)]
+
+
+def test_gzip_bad_checksum_keeps_every_line_before_it(tmp_path: Path) -> None:
+    blob = bytearray(gzip.compress(gz_lines(40)))
+    blob[-6] ^= 0xFF  # the CRC-32 in the trailer: found after all the data
+    path = tmp_path / "calls.jsonl.gz"
+    path.write_bytes(bytes(blob))
+    summary, records, rejects = run_import(tmp_path, path)
+    assert (summary["imported"], summary["rejected"]) == (40, 1)
+    assert rejects[0]["line"] == 41
+    assert rejects[0]["reason"].startswith("corrupt or truncated gzip after line 40")
+
+
 def test_conflict_found_against_a_curated_call(tmp_path: Path) -> None:
     from slmify.curate import curate_store
 

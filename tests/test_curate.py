@@ -86,6 +86,56 @@ def test_json_text_after_an_escaped_newline() -> None:
     assert json.loads(out) == {"contact": "Mail:\n<EMAIL_1>\n<PHONE_1>\tSSN <SSN_1>"}
 
 
+def with_request(cid: str, request: ChatRequest, **kw: object) -> CallRecord:
+    answer = ChatResponse(message={"role": "assistant", "content": "ok"})
+    return CallRecord(id=cid, source="test", request=request, response=answer, **kw)
+
+
+def test_a_session_scrubs_repeated_tool_schemas_the_same_and_counts_each() -> None:
+    """Tool schemas, params and metadata repeat in every call of a session: the second
+    call's are replayed from the first, the same placeholders, counted again, not shared."""
+    tools = [{"type": "function", "function": {"name": "f", "description": "ops@corp.io"}}]
+    s = Scrubber()
+    first = s.record(call("a", metadata={"owner": "ann@x.com", "t": 0.5}))
+    recs = [
+        s.record(with_request(c, ChatRequest(messages=[], tools=json.loads(json.dumps(tools)))))
+        for c in ("b", "c")
+    ]
+    assert first.metadata == {"owner": "<EMAIL_1>", "t": 0.5}
+    assert [r.request.tools[0]["function"]["description"] for r in recs] == ["<EMAIL_2>"] * 2
+    assert recs[0].request.tools is not recs[1].request.tools
+    assert s.counts[("request.tools", "EMAIL")] == 2 and s.counts[("metadata", "EMAIL")] == 1
+
+
+def test_masked_hash_is_the_sorted_json_dumps_of_the_scrubbed_call() -> None:
+    """Stored masked hashes were made with json.dumps; orjson now writes the text, so the
+    spellings that differ (floats under 1e-4) and values orjson refuses must agree too."""
+    import hashlib
+
+    from slmify.curate import masked_hash
+    from slmify.scrub import masked
+
+    for params in ({"temperature": 0.7}, {"eps": 1e-05, "tiny": 1e-7}, {"seed": 2**70}):
+        messages = [{"role": "user", "content": "héllo <EMAIL_3>"}]
+        rec = with_request("x", ChatRequest(messages=messages, params=params))
+        part = {
+            "request": rec.request.model_dump(mode="json"),
+            "response": rec.response.model_dump(mode="json", exclude={"response_id"}),
+        }
+        text = json.dumps(part, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        assert masked_hash(rec) == hashlib.sha256(masked(text).encode()).hexdigest()
+
+
+def test_span_cache_starts_over_when_full() -> None:
+    from slmify.scrub import _SpanCache, find_pii
+
+    cache = _SpanCache(budget=40)
+    texts = ["mail a@x.com", "call +44 20 7946 0958", "nothing here", "mail a@x.com"]
+    assert [cache.find(t) for t in texts] == [find_pii(t) for t in texts]
+    assert cache.size <= 40 and cache.find("x" * 100) == []  # over budget: not kept
+    assert "x" * 100 not in cache.spans
+
+
 # -- curate_store on hand-written calls ---------------------------------------------------
 
 

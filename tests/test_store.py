@@ -20,7 +20,15 @@ from typer.testing import CliRunner
 
 from slmify.cli import app
 from slmify.schema import CallRecord
-from slmify.store import MIGRATIONS, Store, StoreError, call_row, open_store, redact_url
+from slmify.store import (
+    MIGRATIONS,
+    Store,
+    StoreError,
+    call_row,
+    open_store,
+    record_json,
+    redact_url,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -124,6 +132,18 @@ def test_content_hash_is_canonical_json_of_request_and_answer() -> None:
     assert other_id.content_hash() == rec.content_hash()
     row = call_row(rec)
     assert row[7] == rec.content_hash() and CallRecord.model_validate_json(row[8]) == rec
+
+
+def test_record_json_is_pydantics_json() -> None:
+    """The stored JSON is written by orjson from the fields, byte for byte what
+    `model_dump_json` writes, and by pydantic where orjson refuses a value."""
+    rec = record(1, latency_ms=12.5, metadata={"tags": ["a", "ü"], "n": None, "f": 1e-07})
+    assert record_json(rec) == rec.model_dump_json()
+    naive = rec.model_copy(update={"timestamp": datetime(2025, 1, 2, 3, 4, 5, 600)})
+    assert record_json(naive) == naive.model_dump_json()
+    huge = record(2, metadata={"n": 2**70})  # over 64 bits: orjson refuses it
+    assert record_json(huge) == huge.model_dump_json()
+    assert CallRecord.model_validate_json(record_json(huge)) == huge
 
 
 def test_embeddings_cache(store: Store) -> None:
