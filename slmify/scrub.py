@@ -225,24 +225,35 @@ DETECTORS: list[tuple[str, str, Callable[[str], str | None] | None]] = [
 ]
 
 _SINGLE = [re.compile(pattern) for _, pattern, _ in DETECTORS]
-# One pass over the text finds the leftmost candidate of any type; the single patterns
-# then retry a rejected candidate's position with the remaining types.
-_COMBINED = re.compile(
-    "|".join(
-        f"(?P<d{i}>{pattern.replace('(?P<v>', f'(?P<v{i}>')})"
-        for i, (_, pattern, _) in enumerate(DETECTORS)
-    )
-)
 
 
 def find_pii(text: str) -> list[tuple[str, str, int, int]]:
-    """(type, normalized value, start, end) of each PII span in `text`, left to right."""
+    """(type, normalized value, start, end) of each PII span in `text`, left to right.
+
+    The leftmost position where any detector matches is a candidate; its detectors are
+    tried there in order (a validator can reject one), and a rejected candidate is
+    retried one character on, since it may hide a real one. Each detector keeps the
+    start of its next match and searches again only once the scan has passed it: one
+    alternation of all the patterns, searched at every step, was a third slower, as the
+    single patterns keep `re`'s literal-prefix skipping. Whether a pattern matches at a
+    position never depends on where the search began (lookbehinds and `\\b` see the text
+    before it), so the scan finds what the alternation found.
+    """
     found = []
     pos = 0
-    while m := _COMBINED.search(text, pos):
-        start = m.start()
+    upcoming: list[int | None] = [-1] * len(_SINGLE)  # next match start, None: no more
+    while True:
+        start, first = None, 0
+        for i, at in enumerate(upcoming):
+            if at is not None and at < pos:
+                m = _SINGLE[i].search(text, pos)
+                at = upcoming[i] = m.start() if m else None
+            if at is not None and (start is None or at < start):
+                start, first = at, i
+        if start is None:
+            return found
         hit = None
-        for i in range(int(m.lastgroup[1:]), len(DETECTORS)):
+        for i in range(first, len(DETECTORS)):
             mi = _SINGLE[i].match(text, start)
             kind, _, validate = DETECTORS[i]
             key = mi and (validate(mi.group("v")) if validate else mi.group("v"))
@@ -255,7 +266,6 @@ def find_pii(text: str) -> list[tuple[str, str, int, int]]:
             continue
         found.append(hit)
         pos = max(hit[3], start + 1)
-    return found
 
 
 class _SpanCache:
