@@ -315,9 +315,10 @@ class Scrubber:
         self._known = known or {}  # value hash -> placeholder, from earlier runs
         self.assigned: dict[str, str] = {}  # value hash -> placeholder, new in this run
         self._placeholders: dict[tuple[str, str], str] = {}
-        self._seen: dict[str, tuple[str, Counter[str]]] = {}
+        self._seen: dict[str, tuple[str, dict[str, int]]] = {}
         # (field, JSON of a value) -> (its scrubbed JSON, what scrubbing it counted)
-        self._walked: dict[tuple[str, bytes], tuple[bytes, Counter[tuple[str, str]]]] = {}
+        # (field, JSON of a value) -> (its scrubbed JSON or None if unchanged, the counts)
+        self._walked: dict[tuple[str, bytes], tuple[bytes | None, Counter[tuple[str, str]]]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()  # (field, type) -> replaced
 
     def text(self, text: str, field: str) -> str:
@@ -332,11 +333,13 @@ class Scrubber:
             self.counts[field, kind] += n
         return out
 
-    def _replace(self, text: str) -> tuple[str, Counter[str]]:
-        pieces, types, pos = [], Counter(), 0
+    def _replace(self, text: str) -> tuple[str, dict[str, int]]:
+        pieces: list[str] = []
+        types: dict[str, int] = {}
+        pos = 0
         for kind, key, start, end in _SPANS.find(text):
             pieces += [text[pos:start], self._placeholder(kind, key)]
-            types[kind] += 1
+            types[kind] = types.get(kind, 0) + 1
             pos = end
         pieces.append(text[pos:])
         return "".join(pieces), types
@@ -390,7 +393,8 @@ class Scrubber:
         """`_walk(value, field)`, replayed from this scope's memo for a value walked before:
         every call of a session sends the same tool schemas, and walking them was a third of
         curation's time. The same value gets the same placeholders in a scope, and the memo
-        replays the counts too. A fresh copy each time: records share no objects."""
+        replays the counts too. Records share no objects: a value scrubbing changed is
+        rebuilt from its JSON each time, an unchanged one is the record's own."""
         import orjson
 
         try:
@@ -403,10 +407,12 @@ class Scrubber:
         if hit is None:
             before = self.counts.copy()
             clean = self._walk(value, field)
-            self._walked[memo_key] = (orjson.dumps(clean), self.counts - before)
+            changed = orjson.dumps(clean) if clean != value else None
+            self._walked[memo_key] = (changed, self.counts - before)
             return clean
         self.counts.update(hit[1])
-        return orjson.loads(hit[0])
+        # Unchanged (tool schemas nearly always are): the record keeps its own value.
+        return value if hit[0] is None else orjson.loads(hit[0])
 
     def record(self, rec: CallRecord) -> CallRecord:
         """A scrubbed copy of `rec`: every free-text field an agent or a user can fill."""
