@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slmify.schema import CallRecord, Curation
-from slmify.scrub import Scrubber, highest_placeholders, masked
+from slmify.scrub import Scrubber, SpanCache, highest_placeholders, masked
 from slmify.store import Store
 
 CHUNK = 500
@@ -105,6 +105,7 @@ class _Run:
         self.key = key
         self.keep_raw = keep_raw
         self.scopes: dict[str, Scrubber] = {}
+        self.spans = SpanCache()  # shared: sessions repeat each other's prompts
         self.scope_hashes: dict[str, str] = {}
         # The first call (by seq) of each masked hash, over everything already curated.
         self.first: dict[str, str] = {}
@@ -130,7 +131,7 @@ class _Run:
                     (rec.session_id,),
                 ).fetchall()
                 start = highest_placeholders([row[0] for row in done] + list(known.values()))
-            self.scopes[scope] = Scrubber(start, key=self.key, known=known)
+            self.scopes[scope] = Scrubber(start, key=self.key, known=known, spans=self.spans)
             self.scope_hashes[scope] = scope_hash
         return self.scopes[scope]
 

@@ -268,11 +268,11 @@ def find_pii(text: str) -> list[tuple[str, str, int, int]]:
         pos = max(hit[3], start + 1)
 
 
-class _SpanCache:
-    """`find_pii` of texts seen lately, in any scope: a session repeats the system prompt
-    and tool descriptions of every other session, and finding spans is a pure function of
-    the text (only the placeholders they get belong to a scope). Holds at most `budget`
-    characters of texts; full, it starts over."""
+class SpanCache:
+    """`find_pii` of texts seen lately, shared by the scrubbers of one curation run: a
+    session repeats the system prompt and tool descriptions of every other session, and
+    finding spans is a pure function of the text (only the placeholders they get belong to
+    a scope). Holds at most `budget` characters of texts; full, it starts over."""
 
     def __init__(self, budget: int = 8_000_000):
         self.budget = budget
@@ -292,9 +292,6 @@ class _SpanCache:
         return spans
 
 
-_SPANS = _SpanCache()
-
-
 class Scrubber:
     """Replaces PII with placeholders consistent within one scope (a session).
 
@@ -302,6 +299,7 @@ class Scrubber:
     run), so new placeholders never reuse one that means another value; `known` maps the
     keyed hashes (`value_hash`) of values an earlier run replaced to their placeholders, so
     an incremental or interrupted run gives a value the placeholder it already has.
+    `spans` is a cache of found spans to share with the other scopes of a run.
     """
 
     def __init__(
@@ -309,6 +307,7 @@ class Scrubber:
         start: dict[str, int] | None = None,
         key: bytes = b"",
         known: dict[str, str] | None = None,
+        spans: SpanCache | None = None,
     ):
         self._numbers: Counter[str] = Counter(start or {})
         self._key = key
@@ -316,7 +315,7 @@ class Scrubber:
         self.assigned: dict[str, str] = {}  # value hash -> placeholder, new in this run
         self._placeholders: dict[tuple[str, str], str] = {}
         self._seen: dict[str, tuple[str, dict[str, int]]] = {}
-        # (field, JSON of a value) -> (its scrubbed JSON, what scrubbing it counted)
+        self._spans = spans or SpanCache()
         # (field, JSON of a value) -> (its scrubbed JSON or None if unchanged, the counts)
         self._walked: dict[tuple[str, bytes], tuple[bytes | None, Counter[tuple[str, str]]]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()  # (field, type) -> replaced
@@ -337,7 +336,7 @@ class Scrubber:
         pieces: list[str] = []
         types: dict[str, int] = {}
         pos = 0
-        for kind, key, start, end in _SPANS.find(text):
+        for kind, key, start, end in self._spans.find(text):
             pieces += [text[pos:start], self._placeholder(kind, key)]
             types[kind] = types.get(kind, 0) + 1
             pos = end

@@ -127,9 +127,9 @@ def test_masked_hash_is_the_sorted_json_dumps_of_the_scrubbed_call() -> None:
 
 
 def test_span_cache_starts_over_when_full() -> None:
-    from slmify.scrub import _SpanCache, find_pii
+    from slmify.scrub import SpanCache, find_pii
 
-    cache = _SpanCache(budget=40)
+    cache = SpanCache(budget=40)
     texts = ["mail a@x.com", "call +44 20 7946 0958", "nothing here", "mail a@x.com"]
     assert [cache.find(t) for t in texts] == [find_pii(t) for t in texts]
     assert cache.size <= 40 and cache.find("x" * 100) == []  # over budget: not kept
