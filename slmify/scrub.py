@@ -272,24 +272,38 @@ class SpanCache:
     """`find_pii` of texts seen lately, shared by the scrubbers of one curation run: a
     session repeats the system prompt and tool descriptions of every other session, and
     finding spans is a pure function of the text (only the placeholders they get belong to
-    a scope). Holds at most `budget` characters of texts; full, it starts over."""
+    a scope). Holds at most `budget` characters of texts; full, it starts over. Also
+    the JSON of values found to hold nothing to replace (tool schemas), which then need
+    no walk in any scope."""
 
     def __init__(self, budget: int = 8_000_000):
         self.budget = budget
         self.size = 0
         self.spans: dict[str, list[tuple[str, str, int, int]]] = {}
+        self.nothing_to_replace: set[bytes] = set()
 
     def find(self, text: str) -> list[tuple[str, str, int, int]]:
         spans = self.spans.get(text)
         if spans is None:
             spans = find_pii(text)
-            if self.size + len(text) > self.budget:
-                self.spans.clear()
-                self.size = 0
-            if len(text) <= self.budget:
+            if self._room(len(text)):
                 self.spans[text] = spans
-                self.size += len(text)
         return spans
+
+    def nothing_in(self, value_json: bytes) -> None:
+        if self._room(len(value_json)):
+            self.nothing_to_replace.add(value_json)
+
+    def _room(self, size: int) -> bool:
+        """Whether `size` more characters may be kept (after starting over if full)."""
+        if self.size + size > self.budget:
+            self.spans.clear()
+            self.nothing_to_replace.clear()
+            self.size = 0
+        if size > self.budget:
+            return False
+        self.size += size
+        return True
 
 
 class Scrubber:
@@ -402,12 +416,17 @@ class Scrubber:
             return self._walk(value, field)
         if b"null" in memo_key[1] and orjson.loads(memo_key[1]) != value:
             return self._walk(value, field)  # NaN or infinity, which orjson writes as null
+        if memo_key[1] in self._spans.nothing_to_replace:
+            return value
         hit = self._walked.get(memo_key)
         if hit is None:
             before = self.counts.copy()
             clean = self._walk(value, field)
             changed = orjson.dumps(clean) if clean != value else None
-            self._walked[memo_key] = (changed, self.counts - before)
+            counted = self.counts - before
+            self._walked[memo_key] = (changed, counted)
+            if changed is None and not counted:
+                self._spans.nothing_in(memo_key[1])
             return clean
         self.counts.update(hit[1])
         # Unchanged (tool schemas nearly always are): the record keeps its own value.
