@@ -3,8 +3,9 @@
 Reads files line by line in binary (`.gz` transparently, never the whole file in memory,
 except a pretty-printed JSON document, which has no line structure), detects each file's
 format from its first record, converts every record to a `CallRecord` and inserts them in
-batches of one transaction each. A record that cannot be used is written to the rejects
-file (JSONL: file, line number, reason) and the import goes on. Every record read is
+batches of one transaction each (a second thread writes one batch while the next is
+read). A record that cannot be used is written to the rejects file (JSONL: file, line
+number, reason) and the import goes on. Every record read is
 counted exactly once: read = imported + duplicates + conflicts + rejected, where a conflict
 is an id already stored with different content (kept as stored, reported in rejects).
 Any exception while reading, converting, validating, hashing or serializing one record
