@@ -498,15 +498,17 @@ def call_row(r: CallRecord) -> tuple[Any, ...]:
 
 
 def record_json(r: BaseModel) -> str:
-    """`r.model_dump_json()`, read back to an equal record, in a quarter of the time: orjson
+    """`r.model_dump_json()`, byte for byte, in a little over half the time: orjson
     over the models' own fields (JSON values as parsed) instead of pydantic's serializer,
     which was a fifth of an import. What orjson refuses (integers over 64 bits, nesting
-    over 255 levels) goes to pydantic, so the same records are stored or refused as before."""
+    over 255 levels, keys that are not strings) goes to pydantic, so the same records are
+    stored or refused as before."""
     import orjson
 
     try:
-        options = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
-        return orjson.dumps(_fields(r), option=options).decode()
+        # Without OPT_NON_STR_KEYS, a tenth faster: a key that is not a string (never in
+        # parsed JSON) is refused and goes to pydantic, which writes it as one.
+        return orjson.dumps(_fields(r), option=orjson.OPT_UTC_Z).decode()
     except TypeError:  # orjson.JSONEncodeError
         return r.model_dump_json()
 

@@ -141,9 +141,9 @@ def test_record_json_is_pydantics_json() -> None:
     assert record_json(rec) == rec.model_dump_json()
     naive = rec.model_copy(update={"timestamp": datetime(2025, 1, 2, 3, 4, 5, 600)})
     assert record_json(naive) == naive.model_dump_json()
-    huge = record(2, metadata={"n": 2**70})  # over 64 bits: orjson refuses it
+    huge = record(2, metadata={"n": 2**70, "by_id": {7: "x"}})  # orjson refuses both
     assert record_json(huge) == huge.model_dump_json()
-    assert CallRecord.model_validate_json(record_json(huge)) == huge
+    assert CallRecord.model_validate_json(record_json(huge)).metadata["n"] == 2**70
 
 
 def test_embeddings_cache(store: Store) -> None:
