@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import resource
 import statistics
@@ -51,6 +52,17 @@ def parse_once() -> tuple[int, float]:
     return n, time.perf_counter() - wall
 
 
+def machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far (Linux), to tell how much of it
+    other processes held while this ran."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def child_max_rss_mib() -> float:
     """Max RSS of a fresh interpreter that does one import (ru_maxrss is KiB on Linux)."""
     code = (
@@ -78,6 +90,7 @@ def main() -> None:
             return
         import_once(root / "warmup")  # imports and pydantic schema builds, not timed
         rates, cpu_rates, ceilings = [], [], []
+        ticks, own = machine_ticks(), os.times()
         for i in range(args.runs):
             parsed, parse_wall = parse_once()
             ceilings.append(parsed / parse_wall)
@@ -85,6 +98,7 @@ def main() -> None:
             assert summary["imported"] == summary["read"] == parsed, summary
             rates.append(summary["imported"] / wall)
             cpu_rates.append(summary["imported"] / cpu)
+        others = _others_share(ticks, own)
         tracemalloc.start()
         import_once(root / "traced")
         _, peak = tracemalloc.get_traced_memory()
@@ -107,8 +121,21 @@ def main() -> None:
         f" import's best = {best / ceiling:.0%} of the best ceiling,"
         f" median ratio {statistics.median(ratios):.0%}"
     )
+    if others is not None:
+        # Figures from a machine whose cores others held are not comparable to a quiet one's.
+        print(f"other processes held {others:.0%} of the machine's CPU during the timed runs")
     print(f"peak Python allocations during one import (tracemalloc): {peak / 2**20:.1f} MiB")
     print(f"max RSS of a child process doing one import: {child_max_rss_mib():.0f} MiB")
+
+
+def _others_share(ticks: tuple[int, int] | None, own: os.times_result) -> float | None:
+    after = machine_ticks()
+    if ticks is None or after is None:
+        return None
+    busy, total = after[0] - ticks[0], after[1] - ticks[1]
+    now = os.times()
+    mine = (now.user - own.user + now.system - own.system) * os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy - mine) / total if total else None
 
 
 if __name__ == "__main__":
