@@ -34,6 +34,7 @@ MAX_SEQ_LENGTH = 256
 MAX_LABELS = 50  # more distinct answers than this is not a closed label set
 NGRAMS = (1, 2)
 C_GRID = (1.0, 10.0, 100.0)  # logistic regression's inverse regularization, chosen by CV
+WORDS = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two characters or more
 
 
 class LabelHeadError(ValueError):
@@ -47,13 +48,15 @@ def head_texts(request: ChatRequest) -> tuple[str, str]:
     return view.task_text, view.turn_text
 
 
-def tfidf(texts: list[str], vocabulary: dict[str, int], idf: np.ndarray) -> np.ndarray:
+def tfidf(
+    texts: list[str], vocabulary: dict[str, int], idf: np.ndarray, tokens: str = WORDS
+) -> np.ndarray:
     """Unit-length sublinear TF-IDF rows over a fixed vocabulary (none: zero columns)."""
     from sklearn.feature_extraction.text import CountVectorizer
 
     if not vocabulary:
         return np.zeros((len(texts), 0), np.float32)
-    counter = CountVectorizer(ngram_range=NGRAMS, vocabulary=vocabulary)
+    counter = CountVectorizer(ngram_range=NGRAMS, vocabulary=vocabulary, token_pattern=tokens)
     counts = counter.transform(texts).toarray().astype(np.float32)
     weights = np.where(counts > 0, 1.0 + np.log(np.maximum(counts, 1.0)), 0.0) * idf
     norms = np.linalg.norm(weights, axis=1, keepdims=True)
@@ -118,8 +121,6 @@ def label_set(calls: list[CallRecord]) -> dict[str, str]:
 
 def fit_head(calls: list[CallRecord], seed: int = 0) -> LabelHead:
     """Fit the head on the task's training calls (the LLM's labels are the targets)."""
-    from sklearn.linear_model import LogisticRegression
-
     spelled = label_set(calls)
     if len(spelled) > MAX_LABELS:
         raise LabelHeadError(f"{len(spelled)} distinct answers: not a closed label set")
@@ -127,7 +128,7 @@ def fit_head(calls: list[CallRecord], seed: int = 0) -> LabelHead:
         raise LabelHeadError("some answers are tool calls or several lines, not labels")
     labels = sorted(spelled)
     texts = ["\n".join(head_texts(c.request)) for c in calls]
-    vocabulary, idf = _fit_vocabulary(texts)
+    vocabulary, idf = fit_vocabulary(texts)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "embedding_model": EMBEDDING_MODEL,
@@ -138,45 +139,93 @@ def fit_head(calls: list[CallRecord], seed: int = 0) -> LabelHead:
     head = LabelHead([spelled[k] for k in labels], np.zeros(0), np.zeros(0), meta, idf)
     X = head.features([c.request for c in calls])
     y = np.array([labels.index(normalize_label(c.output_text())) for c in calls])
-    if len(labels) == 1:  # one label: always answer it, with certainty
-        head.coef, head.intercept = np.zeros((1, X.shape[1]), np.float32), np.zeros(1, np.float32)
-        return head
-    C, head.meta["cv_accuracy"] = _choose_c(X, y, seed)
-    head.meta["C"] = C
-    model = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(X, y)
-    coef, intercept = model.coef_, model.intercept_
-    if len(labels) == 2:  # sklearn keeps one row for two classes; softmax needs both
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, intercept]
-    head.coef, head.intercept = coef.astype(np.float32), intercept.astype(np.float32)
+    head.coef, head.intercept, chosen = fit_softmax(X, y, len(labels), blocks(X, idf), seed)
+    head.meta.update(chosen)
     return head
 
 
-def _choose_c(X: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float | None]:
-    """The regularization with the best cross-validated log-loss, and its accuracy; the
-    middle value when a label has too few examples to cross-validate."""
+def blocks(X: np.ndarray, idf: np.ndarray) -> dict[str, slice]:
+    """The feature blocks of `features`' rows: the embeddings (task, turn), then words."""
+    width = X.shape[1] - len(idf)
+    return {"embeddings": slice(0, width), "words": slice(width, X.shape[1])}
+
+
+def fit_softmax(
+    X: np.ndarray, y: np.ndarray, classes: int, blocks: dict[str, slice], seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Softmax regression of class indices `y` on `X`: which feature blocks it reads and
+    its regularization are chosen by cross-validated accuracy (log-loss breaks ties), so a
+    task decided by its words is not blurred by the embeddings, nor the reverse.
+
+    Returns full-width weights (zero on the blocks left out, so reading is unchanged), and
+    what was chosen: {"features", "C", "cv_accuracy"} (accuracy None: too few calls)."""
+    options = {"+".join(blocks): np.arange(X.shape[1])}
+    for name, cols in blocks.items():
+        if len(blocks) > 1 and cols.stop > cols.start:
+            options[name] = np.arange(X.shape[1])[cols]
+    folds = cv_folds(len(y), seed)
+    best: tuple[float, float, str, float] | None = None
+    for name, cols in options.items():
+        for C in C_GRID if len(folds) > 1 else C_GRID[1:2]:
+            acc, loss = _cross_validate(X[:, cols], y, classes, C, folds, seed)
+            if best is None or (acc, loss) > best[:2]:
+                best = (acc, loss, name, C)
+    assert best is not None
+    acc, _, name, C = best
+    coef, intercept = _fit_rows(X[:, options[name]], y, classes, C, seed)
+    full = np.zeros((classes, X.shape[1]), np.float32)
+    full[:, options[name]] = coef
+    cv = round(acc, 4) if len(folds) > 1 else None
+    return full, intercept, {"features": name, "C": C, "cv_accuracy": cv}
+
+
+def cv_folds(n: int, seed: int, k: int = 3) -> list[np.ndarray]:
+    """k shuffled folds of row indices; one (no cross-validation) below 3 rows a fold."""
+    if n < 3 * k:
+        return [np.arange(n)]
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[i::k] for i in range(k)]
+
+
+def _cross_validate(X, y, classes, C, folds, seed) -> tuple[float, float]:
+    """Accuracy and negated mean log-loss over the folds."""
+    hits, loss = 0, 0.0
+    for test in folds:
+        train = np.setdiff1d(np.arange(len(y)), test) if len(folds) > 1 else test
+        coef, intercept = _fit_rows(X[train], y[train], classes, C, seed)
+        logits = X[test] @ coef.T + intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        hits += int((logp.argmax(axis=1) == y[test]).sum())
+        loss += float(-logp[np.arange(len(test)), y[test]].sum())
+    n = sum(len(f) for f in folds)
+    return hits / n, -loss / n
+
+
+def _fit_rows(X, y, classes, C, seed) -> tuple[np.ndarray, np.ndarray]:
+    """Weights over all `classes`; a class absent from `y` gets a logit it never wins."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_validate
 
-    folds = min(5, int(np.bincount(y).min()))
-    if folds < 3:
-        return C_GRID[1], None
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    best: tuple[float, float, float | None] = (-np.inf, C_GRID[1], None)
-    for C in C_GRID:
-        model = LogisticRegression(C=C, max_iter=5000, random_state=seed)
-        scores = cross_validate(model, X, y, cv=cv, scoring=("neg_log_loss", "accuracy"))
-        loss = float(scores["test_neg_log_loss"].mean())
-        if loss > best[0]:
-            best = (loss, C, round(float(scores["test_accuracy"].mean()), 4))
-    return best[1], best[2]
+    coef = np.zeros((classes, X.shape[1]), np.float32)
+    intercept = np.full(classes, -30.0, np.float32)
+    present = np.unique(y)
+    if len(present) == 1:
+        intercept[present[0]] = 0.0
+        return coef, intercept
+    model = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(X, y)
+    c, b = model.coef_, model.intercept_
+    if len(present) == 2:  # sklearn keeps one row for two classes; softmax needs both
+        c, b = np.vstack([-c / 2, c / 2]), np.r_[-b / 2, b / 2]
+    coef[present], intercept[present] = c, b
+    return coef, intercept
 
 
-def _fit_vocabulary(texts: list[str]) -> tuple[dict[str, int], np.ndarray]:
+def fit_vocabulary(texts: list[str], tokens: str = WORDS) -> tuple[dict[str, int], np.ndarray]:
     """The n-grams seen in at least two training requests, and their smoothed idf."""
     from sklearn.feature_extraction.text import CountVectorizer
 
     try:
-        counts = CountVectorizer(ngram_range=NGRAMS, min_df=2).fit(texts)
+        counts = CountVectorizer(ngram_range=NGRAMS, min_df=2, token_pattern=tokens).fit(texts)
     except ValueError:  # no n-gram in two requests: the embeddings alone
         return {}, np.zeros(0, np.float32)
     vocabulary = {k: int(v) for k, v in counts.vocabulary_.items()}

@@ -12,7 +12,7 @@ beside it:
   (issue 14; until then serve generates in-process), never an endpoint for clients: asked
   directly, an adapter answers the client's own messages, unpruned, with no router, scope
   check, validation or fallback in front of it, which is not the deployment that was
-  evaluated. Label-head tasks have no adapter and are not in it;
+  evaluated. Head tasks (label or field heads) have no adapter and are not in it;
 - exports/litellm-config.yaml: LiteLLM (or any gateway) in FRONT of `slmify serve`: one
   model, the fallback LLM's name, whose api_base is serve's URL, so every call goes through
   the router, the specialists and the fallback exactly as evaluated. It routes no call to a
@@ -117,7 +117,7 @@ def _validate(data: Any, path: Path) -> None:
 
 
 def _promoted_by_base(manifest: Manifest) -> dict[str, list[ManifestTask]]:
-    """The promoted LoRA tasks per base model; label heads have no adapter to host."""
+    """The promoted LoRA tasks per base model; heads have no adapter to host."""
     groups: dict[str, list[ManifestTask]] = defaultdict(list)
     for task in manifest.tasks:
         spec = task.specialist
@@ -318,18 +318,24 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
 
     pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
     max_new_tokens = read_recipe_sections(folder / "recipe.yaml")[0].max_new_tokens
-    if result.kind == "label-head":
+    if result.kind != "lora":
         head = Path(result.head)
-        labels = json.loads((head / "head.json").read_text(encoding="utf-8"))["labels"]
+        meta = json.loads((head / "head.json").read_text(encoding="utf-8"))
+        reads = (
+            "a classification head on MiniLM embeddings of the task statement and the last turn"
+            if result.kind == "label-head"
+            else "a field head: each field of the answer chosen from a closed set (MiniLM "
+            "embeddings and word n-grams of the task statement and last turn) or copied from "
+            "the request"
+        )
         return SpecialistSpec(
-            kind="label-head",
+            kind=result.kind,
             base_model=None,
             base_model_path=None,
             head_path=str(head.resolve()),
-            labels=labels,
+            labels=meta.get("labels"),
             input_pruning=[],
-            chat_template="none: a classification head on MiniLM embeddings of the task "
-            "statement and the last turn",
+            chat_template=f"none: {reads}",
             pruning=pruning,
             max_new_tokens=max_new_tokens,
         )

@@ -185,6 +185,25 @@ class LabelConfig(_Section):
     )
 
 
+class StructuredConfig(_Section):
+    specialist: Literal["head", "lora"] = Field(
+        "head",
+        description="A task answered with one tool call or one JSON value: a field head "
+        "(each field a closed choice or a value copied from the request; seconds to train, "
+        "a probability per field) where every field qualifies, else a LoRA adapter; lora: "
+        "always the adapter.",
+    )
+    min_cv_accuracy: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A field head whose fields' cross-validated accuracies multiply to less "
+        "than this is not kept: the task trains a LoRA adapter instead. Low on purpose: "
+        "calibrated deferral serves the answers a head is sure of, and a LoRA trained for "
+        "minutes on a CPU rarely beats half.",
+    )
+
+
 class Recipe(_Section):
     name: str = ""
     model: ModelConfig
@@ -197,6 +216,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
 
     @model_validator(mode="after")
     def _four_bit_needs_cuda_and_lora(self) -> Recipe:

@@ -20,9 +20,11 @@ SCHEMA_VERSION = 1
 
 CallStatus = Literal["ok", "error"]
 OutputShape = Literal["tool_call", "json", "label", "text"]
-# A LoRA adapter on a small base model that generates the answer, or a classification head
-# on sentence embeddings that answers from a closed label set.
-SpecialistKind = Literal["lora", "label-head"]
+# A LoRA adapter on a small base model that generates the answer; a classification head on
+# sentence embeddings that answers from a closed label set; or a field head that assembles
+# a tool call or JSON answer from closed choices and values copied from the request.
+SpecialistKind = Literal["lora", "label-head", "field-head"]
+HEAD_KINDS = ("label-head", "field-head")
 
 
 class ChatRequest(BaseModel):
@@ -245,7 +247,7 @@ class SpecialistResult(BaseModel):
     reason: str | None = None
     kind: SpecialistKind = "lora"
     adapter: str | None = Field(default=None, description="The peft adapter folder.")
-    head: str | None = Field(default=None, description="The label head's folder (label-head).")
+    head: str | None = Field(default=None, description="The head's folder (label or field head).")
     base_model: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -459,10 +461,10 @@ class SpecialistSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: SpecialistKind = "lora"
-    base_model: str | None = Field(description="As the recipe names it (null: label head).")
+    base_model: str | None = Field(description="As the recipe names it (null: a head).")
     base_model_path: str | None = Field(description="The folder or HF id a server loads.")
     adapter_path: str | None = None
-    head_path: str | None = Field(default=None, description="The label head's folder.")
+    head_path: str | None = Field(default=None, description="The label or field head's folder.")
     labels: list[str] | None = Field(default=None, description="A label head's label set.")
     lora_rank: int | None = None
     input_pruning: list[str] = Field(description="What the prompt builder removes from a call.")

@@ -2,8 +2,8 @@
 that keep each one to what it was trained for.
 
 Reads the manifest's tasks (`task_runtimes`: the pruning, generation cap and confidence
-threshold they were evaluated with, all in the manifest) and the adapter or label-head
-folders it names; eval builds the same runtimes from the train stage's folders. Writes
+threshold they were evaluated with, all in the manifest) and the adapter or head folders it
+names; eval builds the same runtimes from the train stage's folders. Writes
 nothing.
 
 Each base model is loaded once (`slmify.runtime.Specialist`: float weights on the GPU when
@@ -13,8 +13,10 @@ a base serving several has each attached by name (peft `load_adapter`), and a re
 switches to its task's adapter with `set_adapter`. peft has one active adapter per model,
 so switching and generating happen under one lock. The prompt is built exactly as in training and
 evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
-with `parse_output`. A label-head task answers with its head (slmify.labelhead): the most
-likely label of its closed set, its probability as confidence.
+with `parse_output`. A head task answers without generating: a label head
+(slmify.labelhead) with the most likely label of its closed set, a field head
+(slmify.fieldhead) with the most likely tool call or JSON assembled field by field; the
+probability is the confidence.
 
 An answer goes out as an OpenAI `chat.completion` with usage (`completion_body`), or as the
 `chat.completion.chunk` events of a stream (`slmify.sse.sse_events`).
@@ -42,6 +44,7 @@ from typing import Any
 from slmify.datasets import TOOL_CALL_RE, build_prompt, parse_output
 from slmify.metrics import parse_json, schema_valid
 from slmify.schema import (
+    HEAD_KINDS,
     ChatRequest,
     Deferral,
     Manifest,
@@ -51,6 +54,18 @@ from slmify.schema import (
     message_text,
     message_tool_calls,
 )
+
+
+def load_any_head(kind: SpecialistKind, folder: Path | None) -> Any:
+    """A label head or a field head, loaded from its folder."""
+    assert folder is not None, f"a {kind} needs its folder"
+    if kind == "label-head":
+        from slmify.labelhead import load_head
+
+        return load_head(folder)
+    from slmify.fieldhead import load_field_head
+
+    return load_field_head(folder)
 
 
 class OutOfScope(Exception):
@@ -102,7 +117,7 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
         spec = task.specialist
         if spec is None:
             continue
-        folder = spec.head_path if spec.kind == "label-head" else spec.adapter_path
+        folder = spec.head_path if spec.kind in HEAD_KINDS else spec.adapter_path
         if task.status != "promoted" and not (unpromoted and folder and Path(folder).is_dir()):
             continue
         pruning, max_new_tokens = spec.pruning, spec.max_new_tokens
@@ -248,6 +263,13 @@ def _stop_at(text: str, stop: Any) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _call_finish(message: dict[str, Any]) -> str | None:
+    """The finish reason of an answer that calls a tool; None for any other answer."""
+    if message.get("tool_calls"):
+        return "tool_calls"
+    return "function_call" if message.get("function_call") else None
+
+
 def _legacy(message: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
     """The message in the API the request used: `function_call` for legacy `functions`."""
     if request.tools or not request.functions or not message.get("tool_calls"):
@@ -267,12 +289,10 @@ class SpecialistPool:
         self._models: dict[str, Specialist] = {}
         self._adapter_name: dict[str, str] = {}
         self._heads: dict[str, Any] = {}
-        lora = [t.base_path for t in tasks if t.kind != "label-head"]
+        lora = [t.base_path for t in tasks if t.kind == "lora"]
         for t in tasks:
-            if t.kind == "label-head":
-                from slmify.labelhead import load_head
-
-                self._heads[t.id] = load_head(t.head)
+            if t.kind in HEAD_KINDS:
+                self._heads[t.id] = load_any_head(t.kind, t.head)
             elif t.base_path not in self._models:
                 # A base serving one adapter has it merged: no LoRA matmuls per token.
                 merge = lora.count(t.base_path) == 1
@@ -288,7 +308,7 @@ class SpecialistPool:
         the prompt does not fit the base model's context window. `use_adapter=False`
         answers with the base model alone (eval's comparison)."""
         task = self.tasks[task_id]
-        if task.kind == "label-head":
+        if task.kind in HEAD_KINDS:
             return self._head_answer(task, request)
         spec = self._models[task.base_path]
         prompt = build_prompt(spec.tokenizer, request, task.pruning)
@@ -306,12 +326,9 @@ class SpecialistPool:
         text, stopped = _stop_at(generated.text, request.params.get("stop"))
         tokens = generated.output_tokens
         message = _legacy(parse_output(text, offered_specs(request)), request)
-        if message.get("tool_calls") or message.get("function_call"):
-            finish = "tool_calls" if message.get("tool_calls") else "function_call"
-        else:
-            # Hitting the cap exactly is read as cut off: an end-of-turn token landing on
-            # the last step is rare and only mislabels the finish reason.
-            finish = "length" if tokens >= cap and not stopped else "stop"
+        # Hitting the cap exactly is read as cut off: an end-of-turn token landing on the
+        # last step is rare and only mislabels the finish reason.
+        finish = _call_finish(message) or ("length" if tokens >= cap and not stopped else "stop")
         return Answer(
             task_id=task_id,
             text=text,
@@ -325,17 +342,24 @@ class SpecialistPool:
         )
 
     def _head_answer(self, task: TaskRuntime, request: ChatRequest) -> Answer:
-        """A label head's answer: the most likely label of its set, and its probability."""
+        """A head's answer: a label head's most likely label, or a field head's most likely
+        tool call or JSON; its probability is the confidence."""
         t0 = time.perf_counter()
+        problem = None
         with self.lock:  # the head's embedder is not shared across threads
-            label, probability = self._heads[task.id].predict(request)
-        message = {"role": "assistant", "content": label}
+            if task.kind == "label-head":
+                text, probability = self._heads[task.id].predict(request)
+            else:
+                found, probability, problem = self._heads[task.id].predict(request)
+                text = found or ""
+        message = _legacy(parse_output(text, offered_specs(request)), request)
+        finish = _call_finish(message) or "stop"
         return Answer(
             task_id=task.id,
-            text=label,
+            text=text,
             message=message,
-            finish_reason="stop",
-            problem=answer_problem(task, request, label, message),
+            finish_reason=finish,
+            problem=problem or answer_problem(task, request, text, message),
             prompt_tokens=0,
             output_tokens=1,
             latency_ms=round((time.perf_counter() - t0) * 1000, 3),

@@ -158,10 +158,10 @@ def train_all(
             for r in results
             if "base_validation_loss" in (m := r["metrics"])
         },
-        "label_heads": {
-            r["id"]: f"cross-validated accuracy {m['cv_accuracy']}"
+        "heads": {
+            r["id"]: f"{r['kind']}, cross-validated accuracy {m['cv_accuracy']}"
             for r in results
-            if r["kind"] == "label-head" and (m := r["metrics"])
+            if r["kind"] != "lora" and (m := r["metrics"])
         },
         "tasks": results,
     }
@@ -189,20 +189,8 @@ def train_task(
         return skipped(f"{len(calls)} calls, fewer than dataset.min_calls={cfg.min_calls}")
     save_resolved(recipe, out / "recipe.yaml")
     rows = build_task_dataset(calls, tokenizer, cfg, out)
-    if task.output_shape == "label" and recipe.label.specialist == "head":
-        from slmify.labelhead import train_head
-
-        ids = {r["id"] for s in ("train", "validation") for r in rows[s]}
-        metrics, why_not = train_head(calls, ids, out)
-        if why_not is None:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            return SpecialistResult(
-                id=task.id,
-                status="trained",
-                kind="label-head",
-                head=str(out / "head"),
-                metrics=metrics,
-            )
+    if head := _train_head(task, calls, recipe, rows, out):
+        return head
     longest = max(r["prompt_tokens"] + r["completion_tokens"] for s in rows.values() for r in s)
     if reason := screen_context(info, longest):
         return skipped(reason)
@@ -232,6 +220,32 @@ def train_task(
         adapter=str(out / "adapter"),
         base_model=recipe.model.base,
         metrics=metrics,
+    )
+
+
+def _train_head(task, calls, recipe, rows, out) -> SpecialistResult | None:  # noqa: ANN001
+    """The task's label or field head when the recipe asks for one and the task's answers
+    suit it (trained on the train and validation splits); None: train a LoRA. Why a head
+    was not kept goes to `out`/head-skipped.txt."""
+    ids = {r["id"] for s in ("train", "validation") for r in rows[s]}
+    if task.output_shape == "label" and recipe.label.specialist == "head":
+        from slmify.labelhead import train_head
+
+        kind, (metrics, why_not) = "label-head", train_head(calls, ids, out)
+    elif task.output_shape in ("tool_call", "json") and recipe.structured.specialist == "head":
+        from slmify.fieldfit import train_field_head
+
+        min_cv = recipe.structured.min_cv_accuracy
+        kind, (metrics, why_not) = "field-head", train_field_head(calls, ids, out, min_cv)
+    else:
+        return None
+    if why_not is not None:
+        (out / "head-skipped.txt").write_text(why_not + "\n", encoding="utf-8")
+        return None
+    (out / "head-skipped.txt").unlink(missing_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return SpecialistResult(
+        id=task.id, status="trained", kind=kind, head=str(out / "head"), metrics=metrics
     )
 
 

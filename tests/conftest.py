@@ -112,6 +112,9 @@ TINY_TRAIN = [
     "dataset.test_fraction=0.3",
     "dataset.calibration_fraction=0.3",
     "eval.max_new_tokens=3",
+    # The JSON and tool-call steps train (tiny) LoRAs here, so the generative path is what
+    # the shared workspace exercises; test_endtoend trains their field heads separately.
+    "structured.specialist=lora",
 ]
 
 

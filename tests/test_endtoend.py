@@ -7,10 +7,12 @@ Every stage file here is written by the stage itself, through the CLI; nothing i
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TRAIN, sets
 from conftest import run_cli as _cli
 
 from slmify.schema import EndToEnd, EvalReport, ReplayedCall
@@ -81,6 +83,55 @@ def test_the_stages_meet_through_their_own_files(trained: Path, tiny_base: Path)
         for row in [r for r in rows if r.picked == label][:5]:
             answer = pool.answer(label, st.get_call(row.call_id).record.request)
             assert answer.text == row.answer.text
+            assert answer.confidence == pytest.approx(row.answer.confidence, abs=1e-5)
+
+
+def test_field_heads_learn_the_structured_steps_and_serve_as_evaluated(
+    trained: Path, tmp_path: Path, tiny_base: Path
+) -> None:
+    """The demo's JSON extractor and lookup tool call as field heads (the default): their
+    ids are copied from the email and their codes chosen, so they agree with the LLM on
+    most held-out calls where a tiny LoRA agrees on none; serve answers exactly as eval."""
+    from slmify.manifest import read_manifest
+    from slmify.specialists import SpecialistPool, task_runtimes
+    from slmify.store import open_store
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, ignore=shutil.ignore_patterns("eval", "manifest.yaml"))
+    tasks = json.loads((ws / "cluster" / "tasks.json").read_text())["tasks"]
+    structured = [t["id"] for t in tasks if t["output_shape"] in ("json", "tool_call")]
+    overrides = [o for o in TINY_TRAIN if not o.startswith("structured.")]
+    for task_id in structured:
+        out = _cli(
+            "train",
+            "-w",
+            str(ws),
+            "--task",
+            task_id,
+            *sets([f"model.base={tiny_base}", *overrides]),
+        )
+        assert out["tasks"][0]["kind"] == "field-head", out
+    out = _cli("eval", "-w", str(ws))
+    for task_id in structured:
+        report = EvalReport.model_validate_json((ws / "eval" / task_id / "report.json").read_text())
+        assert report.served.agreement_without_deferral >= 0.8, task_id
+    exported = _cli("manifest", "-w", str(ws))
+    manifest = read_manifest(ws / "manifest.yaml")
+    kinds = {t.id: t.specialist.kind for t in manifest.tasks if t.specialist}
+    assert {kinds[t] for t in structured} == {"field-head"}
+    vllm = Path(exported["vllm"]).read_text() if exported.get("vllm") else ""
+    assert not any(t in vllm for t in structured), "a head has no adapter to host"
+    rows = [
+        ReplayedCall.model_validate_json(line)
+        for line in (ws / "eval" / "endtoend" / "test.jsonl").open()
+    ]
+    pool = SpecialistPool(
+        [r for r in task_runtimes(manifest, unpromoted=True) if r.id in structured]
+    )
+    with open_store(str(ws / "calls.db")) as st:
+        for row in [r for r in rows if r.picked in structured][:6]:
+            answer = pool.answer(row.picked, st.get_call(row.call_id).record.request)
+            assert answer.message == row.answer.message
             assert answer.confidence == pytest.approx(row.answer.confidence, abs=1e-5)
 
 

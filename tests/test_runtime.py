@@ -30,8 +30,8 @@ def adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    torch.manual_seed(1)  # before peft draws lora_A: the same adapter whatever ran before
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    torch.manual_seed(1)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
