@@ -49,7 +49,6 @@ class Deployment:
     """What the replay needs from the workspace: eval's rows, the calls, the manifest's
     promoted tasks and each task's eval settings."""
 
-    workspace: Path
     rows: list[Any]  # ReplayedCall, eval's, in eval's order
     calls: dict[str, Any]  # CallRecord by id, from the workspace's store
     promoted: set[str]
@@ -105,7 +104,6 @@ def load_deployment(workspace: Path, limit: int | None = None) -> Deployment:
     trained = [t for t in found if not isinstance(t, str)]
     deployed = read_manifest(manifest)
     return Deployment(
-        workspace=workspace,
         rows=rows,
         calls=calls,
         promoted={t.id for t in deployed.tasks if t.status == "promoted"},
