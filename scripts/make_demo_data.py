@@ -14,7 +14,7 @@ record per line, the shape of `../shared/datasets/*/calls.jsonl.gz`, from the ag
 The inputs are templates filled from seeded lists, and the "teacher" answers are computed
 by rule from the same values, so every answer is correct and consistent and a small model
 can learn them. Token usage is an estimate (4 characters a token), not a GPT-4o count.
-On top of 150 good calls per task come the warts curation must handle: 12 calls with an
+On top of 300 good calls per task come the warts curation must handle: 12 calls with an
 e-mail address or phone number in the customer's text, 4 calls logged twice (one per
 task: same request and response, another id), 2 answers cut off at `max_tokens`
 (finish_reason `length`) and 2 error responses (rate limit, server error), each followed
@@ -42,7 +42,7 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "demo" / "calls.jsonl.gz"
 AGENT = "acme-support"
 MODEL, SERVED_MODEL = "gpt-4o", "gpt-4o-2024-08-06"
 TASKS = ("classify", "extract", "lookup", "reply")
-PER_TASK = 150
+PER_TASK = 300
 PII_CALLS = 12
 START = datetime(2026, 11, 16, tzinfo=timezone.utc)
 DAYS = 3

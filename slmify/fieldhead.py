@@ -13,7 +13,8 @@ generative model must learn to spell every value token by token; this head inste
   and last turn, and their word n-grams), or `copy` (a pointer: every string in the request
   shaped like the values seen in training is a candidate; logistic regression on where it
   occurs scores them: how recent its message is and whose, the words and JSON key before
-  it, whether an earlier tool call already used it; a softmax over the call's candidates);
+  it, its rank under that key from both ends, whether an earlier tool call already used
+  it; a softmax over the call's candidates);
 - answers the most likely skeleton and leaves; its confidence is the product of their
   probabilities, which the calibrated deferral of the end-to-end replay thresholds.
 
@@ -318,10 +319,16 @@ class FieldHead:
     def predict(self, request: ChatRequest) -> tuple[str | None, float, str | None]:
         """(answer text, confidence, problem): the problem names a leaf with no candidate."""
         forms = self.meta["forms"]
-        X = self.dense([request])[0:1]
+        dense: list[np.ndarray] = []  # computed once, and only for a choice to make
+
+        def features() -> np.ndarray:
+            if not dense:
+                dense.append(self.dense([request])[0:1])
+            return dense[0]
+
         probability = 1.0
         if len(forms) > 1:
-            p = softmax(self.weights["form"].logits(X))[0]
+            p = softmax(self.weights["form"].logits(features()))[0]
             best = int(p.argmax())
             form, probability = forms[best], float(p[best])
         else:
@@ -334,7 +341,7 @@ class FieldHead:
                 values[path] = leaf["value"]
                 continue
             if leaf["kind"] == "choice":
-                p = softmax(self.weights[path].logits(X))[0]
+                p = softmax(self.weights[path].logits(features()))[0]
                 best = int(p.argmax())
                 values[path], prob = json.loads(leaf["classes"][best]), float(p[best])
             else:

@@ -256,6 +256,7 @@ def train_head(
         "kind": "label-head",
         "labels": head.labels,
         "train_examples": len(train),
+        "features": head.meta["features"],
         "C": head.meta["C"],
         "cv_accuracy": head.meta["cv_accuracy"],
         "wall_s": round(time.perf_counter() - start, 2),

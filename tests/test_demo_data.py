@@ -73,11 +73,11 @@ def test_script_is_deterministic_and_matches_committed_file(tmp_path: Path) -> N
 
 
 def test_counts_per_task_and_session_as_designed(records: list[dict]) -> None:
-    assert len(records) == 608
-    assert len({r["id"] for r in records}) == 608
-    # 150 good calls per task, plus one double-logged copy and one failed attempt each.
-    assert Counter(task(r) for r in records) == dict.fromkeys(gen.TASKS, 152)
-    assert Counter(task(r) for r in good(records)) == dict.fromkeys(gen.TASKS, 150)
+    assert len(records) == 1208
+    assert len({r["id"] for r in records}) == 1208
+    # 300 good calls per task, plus one double-logged copy and one failed attempt each.
+    assert Counter(task(r) for r in records) == dict.fromkeys(gen.TASKS, 302)
+    assert Counter(task(r) for r in good(records)) == dict.fromkeys(gen.TASKS, 300)
     per_session = Counter(r["metadata"]["session_id"] for r in good(records))
     assert set(per_session.values()) == {1, 2, 3, 4}
     assert {r["metadata"]["agent"] for r in records} == {"acme-support"}
@@ -184,7 +184,7 @@ def test_imports_with_no_rejects(tmp_path: Path) -> None:
         summary = import_files(store, [DEMO], tmp_path / "rejects.jsonl")
         statuses = Counter(c.record.status for c in store.iter_calls())
         hashes = {c.record.content_hash() for c in store.iter_calls()}
-    assert (summary["read"], summary["imported"], summary["rejected"]) == (608, 608, 0)
+    assert (summary["read"], summary["imported"], summary["rejected"]) == (1208, 1208, 0)
     # Error responses are kept as failed calls; the 4 double-logged calls hash alike.
-    assert statuses == {"ok": 606, "error": 2}
-    assert len(hashes) == 604
+    assert statuses == {"ok": 1206, "error": 2}
+    assert len(hashes) == 1204

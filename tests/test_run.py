@@ -290,7 +290,7 @@ def test_second_run_does_nothing_and_says_so(fakes: Fakes, tmp_path: Path) -> No
     assert shown.exit_code == 0
     assert "slmify run: nothing to do" in shown.stdout
     assert "t01-classify: llm: fake gate: llm" in shown.stdout
-    assert "savings: 0.0% of calls (0) move to specialists, $0.00 of $6.00 LLM cost" in (
+    assert "savings: 0.0% of calls (0) move to specialists, $0.00 of $12.00 LLM cost" in (
         shown.stdout
     )
 
