@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from slmify.labelhead import head_texts, tfidf
+from slmify.labelhead import RequestFeatures
 from slmify.schema import CallRecord, ChatRequest, message_text
 from slmify.shapes import parse_json
 
@@ -300,21 +300,8 @@ class FieldHead:
     idf: np.ndarray
 
     def __post_init__(self) -> None:
-        self._embedder: Any = None
-
-    def dense(self, requests: list[ChatRequest]) -> np.ndarray:
-        """The choice leaves' features: the label head's, single-character words included."""
-        if self._embedder is None:
-            from slmify.embed import Embedder
-
-            self._embedder = Embedder(self.meta["embedding_model"], self.meta["max_seq_length"])
-        pairs = [head_texts(r) for r in requests]
-        task = self._embedder.encode([p[0] for p in pairs])
-        turn = self._embedder.encode([p[1] for p in pairs])
-        words = tfidf(
-            [f"{a}\n{b}" for a, b in pairs], self.meta["vocabulary"], self.idf, WORD_TOKENS
-        )
-        return np.hstack([task, turn, words])
+        # The choice leaves' features: the label head's, single-character words included.
+        self.dense = RequestFeatures(self.meta, self.idf, WORD_TOKENS)
 
     def predict(self, request: ChatRequest) -> tuple[str | None, float, str | None]:
         """(answer text, confidence, problem): the problem names a leaf with no candidate."""

@@ -64,6 +64,30 @@ def tfidf(
 
 
 @dataclass
+class RequestFeatures:
+    """What a head reads of requests: MiniLM embeddings of the task statement and of the
+    last turn, then the unit-length TF-IDF of their word n-grams over `meta`'s vocabulary."""
+
+    meta: dict[str, Any]  # embedding_model, max_seq_length, vocabulary
+    idf: np.ndarray
+    tokens: str = WORDS
+
+    def __post_init__(self) -> None:
+        self._embedder: Any = None
+
+    def __call__(self, requests: list[ChatRequest]) -> np.ndarray:
+        if self._embedder is None:
+            from slmify.embed import Embedder
+
+            self._embedder = Embedder(self.meta["embedding_model"], self.meta["max_seq_length"])
+        pairs = [head_texts(r) for r in requests]
+        task = self._embedder.encode([p[0] for p in pairs])
+        turn = self._embedder.encode([p[1] for p in pairs])
+        texts = [f"{a}\n{b}" for a, b in pairs]
+        return np.hstack([task, turn, tfidf(texts, self.meta["vocabulary"], self.idf, self.tokens)])
+
+
+@dataclass
 class LabelHead:
     labels: list[str]
     coef: np.ndarray
@@ -72,18 +96,7 @@ class LabelHead:
     idf: np.ndarray
 
     def __post_init__(self) -> None:
-        self._embedder: Any = None
-
-    def features(self, requests: list[ChatRequest]) -> np.ndarray:
-        if self._embedder is None:
-            from slmify.embed import Embedder
-
-            self._embedder = Embedder(self.meta["embedding_model"], self.meta["max_seq_length"])
-        pairs = [head_texts(r) for r in requests]
-        task = self._embedder.encode([p[0] for p in pairs])
-        turn = self._embedder.encode([p[1] for p in pairs])
-        words = tfidf([f"{a}\n{b}" for a, b in pairs], self.meta["vocabulary"], self.idf)
-        return np.hstack([task, turn, words])
+        self.features = RequestFeatures(self.meta, self.idf)
 
     def probabilities(self, requests: list[ChatRequest]) -> np.ndarray:
         logits = self.features(requests) @ self.coef.T + self.intercept
