@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ from slmify.fieldhead import (
     leaves,
     previous_values,
     skeleton,
-    softmax,
     structure,
 )
 from slmify.labelhead import (
@@ -45,6 +45,7 @@ from slmify.labelhead import (
     fit_softmax,
     fit_vocabulary,
     head_texts,
+    softmax,
 )
 from slmify.schema import SCHEMA_VERSION, CallRecord
 
@@ -114,25 +115,38 @@ def fit_field_head(calls: list[CallRecord], seed: int = 0) -> tuple[FieldHead, d
         "leaves": {},
     }
     head = FieldHead(meta, {}, idf)
-    X = head.dense([e.call.request for e in kept])
+    embedded: list[np.ndarray] = []
+
+    def dense(rows: list[int]) -> np.ndarray:
+        """The choice features of `rows`; the requests are embedded once, and only when a
+        choice is fitted (copy and const leaves never read them)."""
+        if not embedded:
+            embedded.append(head.dense([e.call.request for e in kept]))
+        return embedded[0][rows]
+
     report: dict[str, Any] = {}
     if len(forms) > 1:
         y = np.array([forms.index(e.form) for e in kept])
+        X = dense(list(range(len(kept))))
         head.weights["form"], report["form"] = _fit_choice(X, y, len(forms), idf, seed)
     by_path: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(kept):
         for path in e.values:
             by_path[path].append(i)
     for path, rows in sorted(by_path.items()):
-        leaf, weights, report[path] = _fit_leaf(path, [kept[i] for i in rows], X[rows], idf, seed)
+        items = [kept[i] for i in rows]
+        leaf, weights, report[path] = _fit_leaf(
+            path, items, lambda rows=rows: dense(rows), idf, seed
+        )
         meta["leaves"][path] = leaf
         if weights is not None:
             head.weights[path] = weights
     return head, report
 
 
-def _fit_leaf(path, items: list[Example], X: np.ndarray, idf: np.ndarray, seed: int):
-    """(leaf description, weights or None, report) for one leaf path."""
+def _fit_leaf(path, items: list[Example], X: Callable[[], np.ndarray], idf, seed: int):  # noqa: ANN001
+    """(leaf description, weights or None, report) for one leaf path; `X()` gives the
+    items' choice features."""
     values = [e.values[path] for e in items]
     keys = [json.dumps(v) for v in values]
     distinct = sorted(set(keys))
@@ -140,25 +154,26 @@ def _fit_leaf(path, items: list[Example], X: np.ndarray, idf: np.ndarray, seed: 
         return {"kind": "const", "value": values[0]}, None, {"kind": "const"}
     types = Counter(json_type(v) for v in values)
     kind, _ = types.most_common(1)[0]
-    copy_ok = False
+    copy_ok, found = False, []
     if kind != "literal":
         shapes = copy_shapes([v for v in values if json_type(v) == kind])
-        found = [str(e.values[path]) in candidates(e.call.request, shapes) for e in items]
-        copy_ok = sum(found) >= COPY_MIN * len(items)
+        found = [candidates(e.call.request, shapes) for e in items]
+        copied = sum(str(v) in f for v, f in zip(values, found, strict=True))
+        copy_ok = copied >= COPY_MIN * len(items)
     choice_ok = len(distinct) <= MAX_CHOICES and len(distinct) <= len(items) / 2
     if not (copy_ok or choice_ok):
         raise FieldHeadError(
             f"{path}: {len(distinct)} distinct values in {len(items)} calls, "
-            + (f"{sum(found)} found in the request" if kind != "literal" else "not copyable")
+            + (f"{copied} found in the request" if kind != "literal" else "not copyable")
         )
     options = {}  # copy first: on a tie it wins, as it can answer values never seen
     if copy_ok:
         leaf = {"kind": "copy", "type": kind, "shapes": shapes}
-        weights, report = _fit_copy(path, items, leaf, seed)
+        weights, report = _fit_copy(path, items, found, seed)
         options["copy"] = (leaf, weights, report)
     if choice_ok:
         y = np.array([distinct.index(k) for k in keys])
-        weights, report = _fit_choice(X, y, len(distinct), idf, seed)
+        weights, report = _fit_choice(X(), y, len(distinct), idf, seed)
         options["choice"] = ({"kind": "choice", "classes": distinct}, weights, report)
     best = max(options, key=lambda k: options[k][2]["cv_accuracy"] or 0.0)
     leaf, weights, report = options[best]
@@ -173,14 +188,15 @@ def _fit_choice(X: np.ndarray, y: np.ndarray, classes: int, idf: np.ndarray, see
     return Linear(coef, intercept), {"kind": "choice", **chosen}
 
 
-def _fit_copy(path: str, items: list[Example], leaf: dict[str, Any], seed: int):
-    """The pointer: logistic regression on candidate features, the LLM's value the positive."""
+def _fit_copy(path: str, items: list[Example], found_per_call: list[dict], seed: int):
+    """The pointer: logistic regression on candidate features (each call's candidates as
+    `_fit_leaf` found them), the LLM's value the positive."""
     from sklearn.feature_extraction import DictVectorizer
     from sklearn.linear_model import LogisticRegression
 
     groups = []  # per call: feature rows and the index of the right candidate (or None)
-    for e in items:
-        found = list(candidates(e.call.request, leaf["shapes"]).values())
+    for e, by_text in zip(items, found_per_call, strict=True):
+        found = list(by_text.values())
         used, same = previous_values(e.call.request, e.name, path)
         rows = [candidate_features(c, used, same) for c in found]
         truth = str(e.values[path])

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from slmify.labelhead import RequestFeatures
+from slmify.labelhead import RequestFeatures, softmax
 from slmify.schema import CallRecord, ChatRequest, message_text
 from slmify.shapes import parse_json
 
@@ -287,12 +287,6 @@ class Linear:
         return X
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 @dataclass
 class FieldHead:
     meta: dict[str, Any]  # forms, leaves, vocabulary, embedding model
@@ -376,8 +370,6 @@ def _typed(text: str, kind: str) -> Any:
     """A copied string as the leaf's JSON type; None when it cannot be."""
     if kind == "str":
         return text
-    if kind not in ("int", "float"):
-        return None
     try:
         return int(text) if kind == "int" else float(text)
     except ValueError:

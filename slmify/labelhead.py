@@ -63,6 +63,13 @@ def tfidf(
     return (weights / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Probabilities from logits along the last axis."""
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 @dataclass
 class RequestFeatures:
     """What a head reads of requests: MiniLM embeddings of the task statement and of the
@@ -99,10 +106,7 @@ class LabelHead:
         self.features = RequestFeatures(self.meta, self.idf)
 
     def probabilities(self, requests: list[ChatRequest]) -> np.ndarray:
-        logits = self.features(requests) @ self.coef.T + self.intercept
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return softmax(self.features(requests) @ self.coef.T + self.intercept)
 
     def predict(self, request: ChatRequest) -> tuple[str, float]:
         """The most likely label and its probability."""
