@@ -1,17 +1,17 @@
 """S1 collect: import existing LLM call logs into the store.
 
-Reads files line by line in binary (`.gz` transparently, never the whole file in memory,
-except a pretty-printed JSON document, which has no line structure), detects each file's
-format from its first record, converts every record to a `CallRecord` and inserts them in
-batches of one transaction each (a second thread writes one batch while the next is
-read). A record that cannot be used is written to the rejects file (JSONL: file, line
-number, reason) and the import goes on. Every record read is
-counted exactly once: read = imported + duplicates + conflicts + rejected, where a conflict
-is an id already stored with different content (kept as stored, reported in rejects).
-Any exception while reading, converting, validating, hashing or serializing one record
-rejects that record alone: an odd line never stops an import. A reason names the field
-and the rule broken, never a value or message text, and a re-import does not write the
-same reject twice. A record is one JSONL line,
+Reads files record by record (slmify.logfiles: `.gz` transparently, never the whole file
+in memory), detects each file's format from its first record, converts every record to a
+`CallRecord` (requests and answers parsed by slmify.callparse, OTLP spans by slmify.otlp)
+and inserts them into the store in batches of one transaction each (a second thread
+writes one batch while the next is read). A record that cannot be used is written to the
+rejects file (JSONL: file, line number, reason) and the import goes on. Every record read
+is counted exactly once: read = imported + duplicates + conflicts + rejected, where a
+conflict is an id already stored with different content (kept as stored, reported in
+rejects). Any exception while reading, converting, validating, hashing or serializing one
+record rejects that record alone: an odd line never stops an import. A reason names the
+field and the rule broken, never a value or message text, and a re-import does not write
+the same reject twice. A record is one JSONL line,
 except in OTLP, where it is one LLM call span (a line can hold many).
 
 Formats:
@@ -26,123 +26,25 @@ Formats:
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from slmify.schema import CallRecord, ChatRequest, ChatResponse, Usage, content_hash
+from slmify.callparse import Reject, as_reject, parse_request, parse_response, parse_timestamp
+from slmify.logfiles import iter_records
+from slmify.otlp import calls_from_otlp
+from slmify.schema import CallRecord, content_hash
 from slmify.store import Store, call_row
 
 # Rows held before one transaction: a few MB of JSON for tool-heavy agents, and an
 # interrupted import loses at most this many records, which a re-import adds back.
 BATCH = 500
-REQUEST_KEYS = {"model", "messages", "tools", "functions"}
 
 
-class Reject(ValueError):
-    """A record that cannot be imported; the message is the reason written to rejects."""
-
-
-# -- reading --------------------------------------------------------------------------
-
-
-def _gunzip_lines(f: Any) -> Iterator[bytes]:
-    """The lines of a gzip file, without their b"\\n" (members one after another, as
-    `cat a.gz b.gz` makes).
-
-    zlib over 16 KiB reads rather than `gzip.open`, whose readline goes through a Python
-    layer per 8 KiB and checksums in Python: a tenth of an import. Every complete line
-    before a break is yielded, then EOFError (truncated) or zlib.error (corrupt) is raised.
-    """
-    z, pending, fed = zlib.decompressobj(31), b"", False
-    for raw in iter(lambda: f.read(1 << 14), b""):
-        while raw:
-            if not fed:  # gzip allows zero padding between and after members
-                raw = raw.lstrip(b"\0")
-                if not raw:
-                    break
-            fed = True
-            data, error = _inflate(z, raw)
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            yield from lines
-            if error is not None:
-                raise error
-            raw = b""
-            if z.eof:  # another member may follow in the rest of this read
-                raw, z, fed = z.unused_data, zlib.decompressobj(31), False
-    if fed:
-        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-    if pending:
-        yield pending
-
-
-def _inflate(z: Any, raw: bytes) -> tuple[bytes, zlib.error | None]:
-    """(what `raw` decompresses to, the error it ends on): at a break (corrupt data, a bad
-    checksum) the read is replayed from a copy of the state before it a byte at a time, so
-    all that decompressed before the break is kept."""
-    before = z.copy()
-    try:
-        return z.decompress(raw), None
-    except zlib.error as e:
-        out = []
-        try:
-            for i in range(len(raw)):
-                out.append(before.decompress(raw[i : i + 1]))
-        except zlib.error:
-            pass
-        return b"".join(out), e
-
-
-def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed object, None) or (line number, None, error) per record.
-
-    A corrupt or truncated gzip ends the file with one error at the line it broke on.
-    """
-    lineno = 0
-    try:
-        with open(path, "rb") as f:
-            gz = f.read(2) == b"\x1f\x8b"
-            f.seek(0)
-            for lineno, line in enumerate(_gunzip_lines(f) if gz else f, 1):  # noqa: B007
-                if lineno == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-                    if line.strip() in (b"{", b"["):
-                        # A lone bracket is never a JSONL record: a pretty-printed document.
-                        yield from _whole_document(path, gz)
-                        return
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, orjson.loads(line), None
-                except orjson.JSONDecodeError as e:
-                    # orjson's message is a position, never the line's text.
-                    yield lineno, None, f"malformed JSON: {e}"
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        yield lineno + 1, None, f"corrupt or truncated gzip after line {lineno}: {e}"
-
-
-def _whole_document(path: Path, gz: bool) -> Iterator[tuple[int, Any, str | None]]:
-    """The records of one JSON document: an object, or an array of objects (all at line 1)."""
-    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
-        text = f.read().removeprefix(b"\xef\xbb\xbf")
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        yield getattr(e, "lineno", 1), None, f"malformed JSON document: {e}"
-        return
-    except RecursionError:
-        # The stdlib parser recurses per level: a document nested ~1,000 deep.
-        yield 1, None, "malformed JSON document: nested too deeply"
-        return
-    for obj in doc if isinstance(doc, list) else [doc]:
-        yield 1, obj, None
+# -- formats and converters: one parsed record -> CallRecord(s) ------------------------
 
 
 def detect_format(obj: Any) -> str:
@@ -161,79 +63,6 @@ def detect_format(obj: Any) -> str:
         "unknown format: expected an OpenAI log ({request, response}), fine-tuning "
         "({messages}), OTLP JSON ({resourceSpans}) or data-flywheel record"
     )
-
-
-# -- converters: one parsed record -> CallRecord(s) -----------------------------------
-
-
-def parse_request(req: Any) -> ChatRequest:
-    """A chat-completions request body as `ChatRequest` (the proxy records with it too)."""
-    if not isinstance(req, dict):
-        raise Reject("`request` is not an object")
-    messages = req.get("messages")
-    # An empty list is a real (if useless) call and is kept; curation excludes it.
-    if not isinstance(messages, list):
-        raise Reject("request has no `messages` list")
-    if not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise Reject("a request message is not an object with a `role`")
-    return ChatRequest.model_validate(
-        {
-            "model": req.get("model"),
-            "messages": messages,
-            "tools": req.get("tools"),
-            "functions": req.get("functions"),
-            "params": {k: v for k, v in req.items() if k not in REQUEST_KEYS},
-        }
-    )
-
-
-def parse_response(resp: Any) -> tuple[ChatResponse | None, Usage, str | None]:
-    """(response, usage, error message) from an OpenAI chat.completion object."""
-    if not isinstance(resp, dict):
-        raise Reject("record has no `response` object")
-    usage = resp.get("usage") or {}
-    # Provider extras (prompt_tokens_details...) are not part of `Usage`.
-    usage = Usage.model_validate({k: v for k, v in usage.items() if k in Usage.model_fields})
-    if "error" in resp and not resp.get("choices"):
-        err = resp["error"]
-        return None, usage, err.get("message") if isinstance(err, dict) else str(err)
-    choices = resp.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise Reject("response has no `choices`")
-    message = choices[0].get("message")
-    if not isinstance(message, dict):
-        raise Reject("response choice has no `message`")
-    response = {
-        "model": resp.get("model"),
-        "message": message,
-        "finish_reason": choices[0].get("finish_reason"),
-        "response_id": resp.get("id"),
-    }
-    return ChatResponse.model_validate(response), usage, None
-
-
-def parse_timestamp(value: Any) -> datetime | None:
-    """ISO 8601, or epoch seconds / ms / µs / ns (a number or digits), told apart by size."""
-    if value is None or value == "":
-        return None
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        or (isinstance(value, str) and value.isdigit())
-    ):
-        seconds = float(value)
-        for _ in range(3):  # ms, µs, ns at the finest
-            if abs(seconds) <= 1e11:  # 1e11 s is the year 5138: larger numbers are finer units
-                break
-            seconds /= 1000
-        try:
-            return datetime.fromtimestamp(seconds, tz=timezone.utc)
-        except (OverflowError, OSError, ValueError) as e:  # NaN, or before the year 1
-            raise Reject("timestamp out of range") from e
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError as e:
-        raise Reject("unreadable timestamp (neither ISO 8601 nor epoch)") from e
 
 
 def from_openai_log(obj: dict[str, Any], source: str) -> list[CallRecord]:
@@ -312,16 +141,10 @@ def from_finetune(obj: dict[str, Any], source: str) -> list[CallRecord]:
     return [CallRecord.model_validate(record)]
 
 
-def from_otlp(obj: dict[str, Any], source: str) -> list[CallRecord | Reject]:
-    from slmify.otlp import calls_from_otlp  # imported here: slmify.otlp imports this module
-
-    return calls_from_otlp(obj, source)
-
-
 CONVERTERS: dict[str, Callable[[dict[str, Any], str], list[CallRecord | Reject]]] = {
     "openai-log": from_openai_log,
     "openai-finetune": from_finetune,
-    "otlp": from_otlp,
+    "otlp": calls_from_otlp,
     "flywheel": from_flywheel,
 }
 
@@ -496,34 +319,6 @@ def _convert_file(
                 yield lineno, call_row(result)
             except Exception as e:  # noqa: BLE001
                 yield lineno, as_reject(e)
-
-
-def as_reject(e: BaseException) -> Reject:
-    """The reject for an exception raised by one record, its reason free of the record's
-    values: pydantic's messages quote the input, and a ValueError can quote anything."""
-    from pydantic import ValidationError
-
-    if isinstance(e, Reject):
-        return e
-    if isinstance(e, RecursionError):
-        return Reject("invalid record: nested too deeply")
-    if isinstance(e, ValidationError):
-        errors = e.errors(include_url=False, include_input=False, include_context=False)
-        where = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])[:120]}: {err['msg'][:120]}"
-            for err in errors[:3]
-        )
-        n = e.error_count()
-        return Reject(
-            f"invalid record: {n} validation error{'s' if n > 1 else ''} for {e.title}: {where}"
-        )
-    if isinstance(e, ValueError | TypeError) and (
-        "Recursion limit" in str(e) or "depth exceeded" in str(e)
-    ):  # orjson stops at 255 levels, pydantic's serializer at a few hundred
-        return Reject("invalid record: nested too deeply to serialize")
-    if isinstance(e, UnicodeError) or "surrogates not allowed" in str(e):
-        return Reject("invalid record: text that is not valid Unicode (a lone surrogate)")
-    return Reject(f"invalid record: {type(e).__name__} while converting it")
 
 
 def _progress(paths: list[Path]):  # noqa: ANN202

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any
 
-from slmify.collect import Reject, as_reject, parse_timestamp
+from slmify.callparse import Reject, as_reject, parse_timestamp
 from slmify.schema import CallRecord, content_hash
 
 # The semantic conventions' inference operations; agent, tool and embedding spans in the

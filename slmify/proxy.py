@@ -51,7 +51,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from slmify.collect import parse_request, parse_response
+from slmify.callparse import parse_request, parse_response
 from slmify.httpguard import (
     AUTH_HEADERS,
     PASSTHROUGH_POSTS,
@@ -400,7 +400,7 @@ class CallWriter:
                 self.store.add_calls(again)
 
     def _reject(self, p: _Pending, e: BaseException) -> None:
-        from slmify.collect import as_reject
+        from slmify.callparse import as_reject
 
         self.counts["not_recorded"] += 1
         reason = str(as_reject(e.__cause__ or e))

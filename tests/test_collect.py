@@ -18,6 +18,7 @@ from conftest import dataset
 from typer.testing import CliRunner
 
 from slmify import collect
+from slmify.callparse import REQUEST_KEYS
 from slmify.cli import app
 from slmify.collect import import_files
 from slmify.schema import CallRecord
@@ -82,7 +83,7 @@ def test_real_sets_import_intact_and_once(tmp_path: Path, name: str, calls: int)
         assert rec.request.tools == src["request"].get("tools")
         assert rec.request.functions == src["request"].get("functions")
         assert rec.request.params == {
-            k: v for k, v in src["request"].items() if k not in collect.REQUEST_KEYS
+            k: v for k, v in src["request"].items() if k not in REQUEST_KEYS
         }
         choice = src["response"]["choices"][0]
         assert rec.response.message == choice["message"]

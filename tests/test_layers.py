@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "slmify"
 
 
@@ -116,12 +114,6 @@ def test_the_reader_finds_known_edges() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-# Cycles present when this test was written (issue 11), in modules other sessions own:
-# the owner who breaks the last one removes this mark (strict: an unexpected pass fails).
-KNOWN_CYCLES = "slmify.collect -> slmify.otlp -> slmify.collect"
-
-
-@pytest.mark.xfail(strict=True, reason=f"import cycles remain: {KNOWN_CYCLES}")
 def test_no_import_cycle() -> None:
     found = cycles(import_graph())
     for cycle in found:
