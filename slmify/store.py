@@ -2,8 +2,8 @@
 
 SQLite (WAL) in the workspace is the embedded default; a `postgresql://` URL points
 several proxies on several hosts at one shared store. Both run the same SQL (`?`
-placeholders are rewritten for psycopg) and the same list of migrations, each applied
-once and recorded in `_migrations`, like simonw/llm's store.
+placeholders are rewritten for psycopg) and the same list of migrations
+(slmify.store_migrations). Rows are built by slmify.store_rows.
 
 A call is one row holding the `CallRecord` as JSON, so a row is written whole or not at
 all: an interrupted import never leaves half a record. Ids are unique; inserting an id
@@ -21,72 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from slmify.errors import SlmifyError
 from slmify.schema import CallRecord, Curation
-
-MIGRATIONS: list[Callable[[str], list[str]]] = []
-
-
-def migration(fn: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
-    MIGRATIONS.append(fn)
-    return fn
-
-
-@migration
-def m001_calls(dialect: str) -> list[str]:
-    seq = "INTEGER PRIMARY KEY AUTOINCREMENT"
-    if dialect == "postgresql":
-        seq = "BIGSERIAL PRIMARY KEY"
-    return [
-        f"""CREATE TABLE calls (
-            seq {seq},
-            id TEXT NOT NULL UNIQUE,
-            source TEXT NOT NULL,
-            timestamp TEXT,
-            session_id TEXT,
-            agent TEXT,
-            model TEXT,
-            status TEXT NOT NULL,
-            content_hash TEXT NOT NULL,
-            record TEXT NOT NULL,
-            raw_record TEXT,
-            curation TEXT,
-            duplicate_of TEXT,
-            excluded TEXT,
-            imported_at TEXT NOT NULL
-        )""",
-        "CREATE INDEX calls_content_hash ON calls (content_hash)",
-        "CREATE INDEX calls_session ON calls (session_id)",
-    ]
-
-
-@migration
-def m002_embeddings(dialect: str) -> list[str]:
-    blob = "BYTEA" if dialect == "postgresql" else "BLOB"
-    return [
-        f"""CREATE TABLE embeddings (
-            model TEXT NOT NULL,
-            content_hash TEXT NOT NULL,
-            vector {blob} NOT NULL,
-            PRIMARY KEY (model, content_hash)
-        )"""
-    ]
-
-
-@migration
-def m003_placeholders(dialect: str) -> list[str]:
-    # Which placeholder a value got in a session, by keyed hashes (slmify.scrub): curation
-    # runs that resume or add calls give a value the same placeholder. No value is stored.
-    return [
-        """CREATE TABLE placeholders (
-            scope TEXT NOT NULL,
-            value_hash TEXT NOT NULL,
-            placeholder TEXT NOT NULL,
-            PRIMARY KEY (scope, value_hash)
-        )"""
-    ]
+from slmify.store_migrations import migrate
+from slmify.store_rows import call_row, record_json
 
 
 @dataclass
@@ -170,29 +109,22 @@ class Store:
         self.conn = conn
         self.dialect = dialect
         self.location = location
-        self._migrate()
+        migrate(self)
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _sql(self, sql: str) -> str:
+    def sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self.conn.execute(self._sql(sql), tuple(params))
+        return self.conn.execute(self.sql(sql), tuple(params))
 
-    def _transaction(self, statements: Callable[[Any], Any]) -> Any:
+    def transaction(self, statements: Callable[[Any], Any]) -> Any:
         """`statements(cursor)` in one transaction; SQLite's is retried while locked."""
         if self.dialect == "postgresql":
             with self.conn.transaction():
                 return statements(self.conn.cursor())
         return with_retry(lambda: self._sqlite_transaction(statements))
-
-    def _pg_errors(self) -> tuple[type[Exception], ...]:
-        if self.dialect != "postgresql":
-            return ()
-        import psycopg
-
-        return (psycopg.errors.UndefinedTable,)
 
     def _sqlite_transaction(self, statements: Callable[[Any], Any]) -> Any:
         cur = self.conn.cursor()
@@ -204,39 +136,6 @@ class Store:
             raise
         cur.execute("COMMIT")
         return result
-
-    def _migrate(self) -> None:
-        """Apply the migrations not applied yet, all in one transaction that first takes
-        the write lock (SQLite's BEGIN IMMEDIATE, a PostgreSQL advisory lock): two stores
-        opened at once on a new database queue here, and the second finds them done."""
-        try:  # the usual case, an up-to-date store, takes no write lock
-            names = {row[0] for row in self.execute("SELECT name FROM _migrations").fetchall()}
-            if names >= {fn.__name__ for fn in MIGRATIONS}:
-                return
-        except (sqlite3.OperationalError, *self._pg_errors()):
-            pass  # no _migrations table yet
-
-        def apply(cur: Any) -> None:
-            if self.dialect == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(7715007)")  # any constant key
-            cur.execute(
-                "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
-            )
-            cur.execute("SELECT name FROM _migrations")
-            done = {row[0] for row in cur.fetchall()}
-            for fn in MIGRATIONS:
-                if fn.__name__ in done:
-                    continue
-                for stmt in fn(self.dialect):
-                    cur.execute(stmt)
-                cur.execute(
-                    self._sql(
-                        "INSERT INTO _migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)"
-                    ),
-                    (fn.__name__,),
-                )
-
-        self._transaction(apply)
 
     def close(self) -> None:
         self.conn.close()
@@ -275,7 +174,7 @@ class Store:
             self._insert_calls(cur, fresh)
             return len(fresh), dups
 
-        return self._transaction(insert)
+        return self.transaction(insert)
 
     def _insert_calls(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
         """INSERT `call_row` tuples; in SQLite 100 rows per statement (900 parameters, under
@@ -290,7 +189,7 @@ class Store:
         )
         one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
         if self.dialect == "postgresql":
-            cur.executemany(self._sql(sql.format(one)), rows)
+            cur.executemany(self.sql(sql.format(one)), rows)
             return
         for i in range(0, len(rows), 100):
             chunk = rows[i : i + 100]
@@ -301,7 +200,7 @@ class Store:
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            cur.execute(self._sql(f"SELECT id FROM calls WHERE id IN ({marks})"), chunk)
+            cur.execute(self.sql(f"SELECT id FROM calls WHERE id IN ({marks})"), chunk)
             found.extend(row[0] for row in cur.fetchall())
         return found
 
@@ -313,7 +212,7 @@ class Store:
             chunk = ids[i : i + 500]
             marks = ",".join("?" * len(chunk))
             cur.execute(
-                self._sql(
+                self.sql(
                     "SELECT id, content_hash, curation IS NOT NULL FROM calls"
                     f" WHERE id IN ({marks})"
                 ),
@@ -332,7 +231,7 @@ class Store:
             where += " AND curation IS NOT NULL AND excluded IS NULL AND duplicate_of IS NULL"
         cur = self.conn.cursor()
         cur.execute(
-            self._sql(f"SELECT seq, record, curation FROM calls WHERE {where} ORDER BY seq"),
+            self.sql(f"SELECT seq, record, curation FROM calls WHERE {where} ORDER BY seq"),
             (after_seq,),
         )
         while batch := cur.fetchmany(1000):
@@ -376,7 +275,7 @@ class Store:
 
         def write(cur: Any) -> None:
             cur.executemany(
-                self._sql(
+                self.sql(
                     "UPDATE calls SET record = ?, content_hash = ?, curation = ?, duplicate_of = ?,"
                     " excluded = ?, raw_record = COALESCE(?, raw_record) WHERE id = ?"
                 ),
@@ -394,14 +293,14 @@ class Store:
                 ],
             )
             cur.executemany(
-                self._sql(
+                self.sql(
                     "INSERT INTO placeholders (scope, value_hash, placeholder) VALUES (?, ?, ?)"
                     " ON CONFLICT (scope, value_hash) DO NOTHING"
                 ),
                 list(placeholders),
             )
 
-        self._transaction(write)
+        self.transaction(write)
 
     def stats(self) -> dict[str, Any]:
         def grouped(col: str) -> dict[str, int]:
@@ -459,7 +358,7 @@ class Store:
             chunk = hashes[i : i + 500]
             marks = ",".join("?" * len(chunk))
             cur.execute(
-                self._sql(
+                self.sql(
                     f"SELECT content_hash, vector FROM embeddings"
                     f" WHERE model = ? AND content_hash IN ({marks})"
                 ),
@@ -471,52 +370,15 @@ class Store:
 
     def put_embeddings(self, model: str, vectors: dict[str, np.ndarray]) -> None:
         rows = [(model, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()]
-        self._transaction(
+        self.transaction(
             lambda cur: cur.executemany(
-                self._sql(
+                self.sql(
                     "INSERT INTO embeddings (model, content_hash, vector) VALUES (?, ?, ?)"
                     " ON CONFLICT (model, content_hash) DO NOTHING"
                 ),
                 rows,
             )
         )
-
-
-def call_row(r: CallRecord) -> tuple[Any, ...]:
-    """The `calls` row of a record: indexed columns, content hash, the record as JSON."""
-    return (
-        r.id,
-        r.source,
-        r.timestamp.isoformat() if r.timestamp else None,
-        r.session_id,
-        r.agent,
-        r.request.model,
-        r.status,
-        r.content_hash(),
-        record_json(r),
-    )
-
-
-def record_json(r: BaseModel) -> str:
-    """`r.model_dump_json()`, byte for byte, in a little over half the time: orjson
-    over the models' own fields (JSON values as parsed) instead of pydantic's serializer,
-    which was a fifth of an import. What orjson refuses (integers over 64 bits, nesting
-    over 255 levels, keys that are not strings) goes to pydantic, so the same records are
-    stored or refused as before."""
-    import orjson
-
-    try:
-        # Without OPT_NON_STR_KEYS, a tenth faster: a key that is not a string (never in
-        # parsed JSON) is refused and goes to pydantic, which writes it as one.
-        return orjson.dumps(_fields(r), option=orjson.OPT_UTC_Z).decode()
-    except TypeError:  # orjson.JSONEncodeError
-        return r.model_dump_json()
-
-
-def _fields(model: BaseModel) -> dict[str, Any]:
-    # __dict__ holds exactly the fields (no extras, none private); iterating the model
-    # itself goes through a Python generator per field, a tenth of this function's time.
-    return {k: _fields(v) if isinstance(v, BaseModel) else v for k, v in model.__dict__.items()}
 
 
 def dump_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from slmify.cli import app
 from slmify.schema import CallRecord
 from slmify.store import (
-    MIGRATIONS,
     Store,
     StoreError,
     call_row,
@@ -29,6 +28,7 @@ from slmify.store import (
     record_json,
     redact_url,
 )
+from slmify.store_migrations import MIGRATIONS
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
