@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pii_corpus import build  # noqa: E402
 
-from slmify.scrub import Scrubber, find_pii  # noqa: E402
+from slmify.scrub import Scrubber  # noqa: E402
+from slmify.scrub_detect import find_pii  # noqa: E402
 
 
 def main() -> None:

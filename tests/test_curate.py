@@ -127,7 +127,7 @@ def test_masked_hash_is_the_sorted_json_dumps_of_the_scrubbed_call() -> None:
 
 
 def test_span_cache_starts_over_when_full() -> None:
-    from slmify.scrub import SpanCache, find_pii
+    from slmify.scrub_detect import SpanCache, find_pii
 
     cache = SpanCache(budget=40)
     texts = ["mail a@x.com", "call +44 20 7946 0958", "nothing here", "mail a@x.com"]
