@@ -21,10 +21,12 @@ from aiohttp import web
 from conftest import dataset
 from test_proxy import FakeLLM, serving, start_cli_proxy
 
-from slmify import proxy as proxy_module
+from slmify import recording as recording_module
 from slmify import store as store_module
+from slmify.forwarding import Exchange, Upstream
 from slmify.journal import read_entries
-from slmify.proxy import CallWriter, Exchange, Upstream, make_app
+from slmify.proxy import make_app
+from slmify.recording import CallWriter
 from slmify.store import open_store
 
 
@@ -141,7 +143,7 @@ def test_a_store_locked_past_every_retry_keeps_calls_for_the_next_start(
     tau_calls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ws = tmp_path / "ws"
-    monkeypatch.setattr(proxy_module, "_retrying", fast_retrying(proxy_module._retrying))
+    monkeypatch.setattr(recording_module, "_retrying", fast_retrying(recording_module._retrying))
     monkeypatch.setattr(store_module, "with_retry", fast_retrying(store_module.with_retry))
     with open_store(str(ws / "calls.db")) as store:
         store.conn.execute("PRAGMA busy_timeout=20")
