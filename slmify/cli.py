@@ -444,6 +444,15 @@ def serve(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
     ] = 600.0,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backend",
+            help="An OpenAI-compatible completions server hosting the LoRA adapters under "
+            "their task ids (http://127.0.0.1:8000/v1, vLLM as exports/vllm-serve.sh starts "
+            "it); repeatable; `exports`: the URLs that script uses. Default: in-process.",
+        ),
+    ] = None,
     api_key_file: ApiKeyFileOpt = None,
     allowed_host: AllowedHostOpt = None,
     workspace: WorkspaceOpt = None,
@@ -462,6 +471,9 @@ def serve(
 
     if not upstream.startswith(("http://", "https://")):
         raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
+    for url in backend or []:
+        if url != "exports" and not url.startswith(("http://", "https://")):
+            raise fail(f"--backend must be an http:// or https:// URL or `exports`, got {url!r}")
     if not manifest_path.is_file():
         raise fail(f"no such file: {manifest_path}")
     guard = configure(host, allowed_host or [], api_key_file)
@@ -478,6 +490,7 @@ def serve(
                 shadow,
                 announce=lambda line: typer.echo(line, err=True),
                 guard=guard,
+                backend_urls=backend,
             )
         except OSError as e:
             raise fail(f"cannot listen on {host}:{port}: {e}") from e

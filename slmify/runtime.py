@@ -69,6 +69,26 @@ def answer_confidence(token_logprobs: list[float], shape: OutputShape) -> float:
     return math.exp(min(token_logprobs))
 
 
+def turn_stops(tokenizer: Any) -> tuple[str, list[int], bool]:
+    """Where an answer ends: the template's end of turn (`<|im_end|>`), the token ids that
+    stop generating (EOS, and the end of turn when it is one token), and whether the end
+    of turn is several tokens (then only a stop string finds it)."""
+    from slmify.datasets import turn_end
+
+    end = turn_end(tokenizer)
+    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id} | ({end_ids[0]} if len(end_ids) == 1 else set())
+    return end, sorted(i for i in eos if i is not None), len(end_ids) != 1
+
+
+def cut_at_turn_end(text: str, end: str, eos_token: str | None) -> str:
+    """A generated text up to the end of turn or EOS, stripped: the answer."""
+    text = text.split(end, 1)[0]
+    if eos_token:
+        text = text.split(eos_token, 1)[0]
+    return text.strip()
+
+
 def draft_tokens(tokens: list[int], memory: Any, k: int = DRAFT_TOKENS) -> list[int]:
     """Up to `k` tokens guessed to follow `tokens`: what followed the longest match (up to
     DRAFT_NGRAM tokens) of its last tokens, looked up in `tokens` themselves (latest first)
@@ -142,6 +162,8 @@ class Specialist:
     without the selected one. `merge`: the base serves this one adapter only, so in float32
     it is folded into the weights; the plain base is then loaded on first use without it."""
 
+    remote = False  # generates here, under the pool's lock (see slmify.backends for remote)
+
     def __init__(
         self, location: Path | str, adapter: Path, max_new_tokens: int, merge: bool = False
     ):
@@ -149,7 +171,6 @@ class Specialist:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from slmify.datasets import turn_end
         from slmify.models import inference_dtype
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,12 +189,9 @@ class Specialist:
         self.adapter = "default"  # PeftModel.from_pretrained's name for the first adapter
         self.memory: dict[str, deque[list[int]]] = {}  # recent answers per adapter
         self.max_new_tokens = max_new_tokens
-        self.end = turn_end(self.tokenizer)
-        end_ids = self.tokenizer(self.end, add_special_tokens=False)["input_ids"]
-        eos = {self.tokenizer.eos_token_id} | ({end_ids[0]} if len(end_ids) == 1 else set())
-        self.stop_ids = sorted(i for i in eos if i is not None)
+        self.end, self.stop_ids, several = turn_stops(self.tokenizer)
         self.stop: dict[str, Any] = {"eos_token_id": self.stop_ids}
-        if len(end_ids) != 1:
+        if several:
             self.stop |= {"stop_strings": [self.end], "tokenizer": self.tokenizer}
 
     def _load_base(self) -> Any:
@@ -184,6 +202,11 @@ class Specialist:
         dtype = inference_dtype(self.device)
         model = AutoModelForCausalLM.from_pretrained(self.location, dtype=dtype)
         return model.to(self.device).eval()
+
+    @property
+    def context_window(self) -> int:
+        """The most tokens a prompt and its answer may hold together."""
+        return self.model.config.max_position_embeddings
 
     def add_adapter(self, adapter: Path, name: str) -> None:
         """Attach another adapter to this base (peft `load_adapter`), selected by `name`."""
@@ -237,11 +260,8 @@ class Specialist:
             memory.append(ids["input_ids"][0, -DRAFT_NGRAM:].tolist() + new)
         kept = [lp for lp, token in zip(logprobs, new, strict=False) if token not in self.stop_ids]
         text = self.tokenizer.decode(new, skip_special_tokens=False)
-        text = text.split(self.end, 1)[0]
-        if self.tokenizer.eos_token:
-            text = text.split(self.tokenizer.eos_token, 1)[0]
         return Generation(
-            text=text.strip(),
+            text=cut_at_turn_end(text, self.end, self.tokenizer.eos_token),
             latency_ms=latency_ms,
             output_tokens=len(new),
             confidence=answer_confidence(kept, shape),

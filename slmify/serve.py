@@ -31,6 +31,13 @@ background; its answer and its agreement with the LLM's (slmify.metrics) are rec
 the call. That includes the tasks the gate kept on the LLM: shadowing them is how a user
 sees a specialist on live traffic before cutting it over.
 
+Generation (`--backend URL`): in-process by default (slmify.runtime); with a backend, the
+LoRA specialists' prompts go to an OpenAI-compatible completions server hosting their
+adapters (slmify.backends: vLLM as exports/vllm-serve.sh starts it), each call in a thread
+of its own so the server can batch them. Serve refuses to start when the server lacks a
+promoted adapter; a call whose server is down or errs goes to the LLM (`specialist-error:
+backend ...`). Heads answer in-process either way.
+
 Every request first passes slmify.httpguard (Host, exact route, client key, JSON body).
 Credentials for the upstream: with client keys configured (SLMIFY_API_KEY,
 `--api-key-file`), an authenticated call goes upstream with SLMIFY_UPSTREAM_API_KEY;
@@ -55,6 +62,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from slmify.backends import BACKEND_THREADS, BackendError, CompletionsBackend
 from slmify.collect import parse_request
 from slmify.decision import Decision, answer_decision, route_decision, task_decision
 from slmify.errors import SlmifyError
@@ -77,6 +85,7 @@ from slmify.specialists import (
     Answer,
     OutOfScope,
     SpecialistPool,
+    TaskRuntime,
     completion_body,
     offered_specs,
 )
@@ -124,6 +133,7 @@ class Service:
     upstream: Upstream
     writer: CallWriter
     shadow_rate: float = 0.0
+    backend: CompletionsBackend | None = None  # None: the LoRA specialists generate here
     # Scores shadow answers given in free text; MiniLM is loaded on the first such answer.
     encoder: TextEncoder = field(default_factory=TextEncoder)
     answered: Counter[str] = field(default_factory=Counter)
@@ -194,6 +204,9 @@ class Service:
                 answer = await self.generate(decision.task_id, call.chat)
             except OutOfScope as e:
                 decision = replace(decision, task_id=None, reason=f"out-of-scope: {e}")
+            except BackendError as e:  # the message says which server and what failed
+                log.warning("specialist %s: %s", decision.task_id, e)
+                decision = replace(decision, task_id=None, reason=f"specialist-error: {e}")
             except Exception as e:  # noqa: BLE001 - whatever breaks locally, the LLM answers
                 log.exception("specialist %s failed", decision.task_id)
                 decision = replace(decision, task_id=None, reason=f"specialist-error: {e}")
@@ -310,6 +323,7 @@ class Service:
                 "router": self.router is not None,
                 "fallback": self.manifest.fallback.model,
                 "upstream": redact_url(self.upstream.url),
+                "backend": self.backend.urls if self.backend else "in-process",
                 "answered": dict(self.answered),
             }
         )
@@ -362,9 +376,16 @@ def make_app(service: Service, guard: Guard | None = None) -> web.Application:
 
 
 def load_service(
-    manifest_path: Path, store: Store, upstream_url: str, timeout_s: float, shadow_rate: float
+    manifest_path: Path,
+    store: Store,
+    upstream_url: str,
+    timeout_s: float,
+    shadow_rate: float,
+    backend_urls: list[str] | None = None,
 ) -> Service:
-    """Read the manifest, load its router and specialists; the writer starts recording."""
+    """Read the manifest, load its router and specialists; the writer starts recording.
+    `backend_urls`: the completions servers hosting the LoRA adapters (`exports`: those
+    exports/vllm-serve.sh starts); ServeError when one is down or lacks a promoted adapter."""
 
     from slmify.evaluate import EvalError
     from slmify.manifest import ManifestError, read_manifest
@@ -372,6 +393,7 @@ def load_service(
 
     manifest = read_manifest(manifest_path)
     router = None
+    backend = None
     try:
         if manifest.router is not None:
             from slmify.router import load_router
@@ -381,9 +403,20 @@ def load_service(
                 artifact if artifact.is_absolute() else manifest_path.parent / artifact
             )
             router.warm_up()
-        pool = SpecialistPool(task_runtimes(manifest, unpromoted=shadow_rate > 0))
-    except (ManifestError, EvalError, OSError, ValueError) as e:
+        runtimes = task_runtimes(manifest, unpromoted=shadow_rate > 0)
+        if backend_urls:
+            backend, runtimes = connect_backend(manifest, runtimes, backend_urls, timeout_s)
+        pool = SpecialistPool(runtimes, backend)
+    except (ManifestError, EvalError, BackendError, OSError, ValueError) as e:
         raise ServeError(f"{manifest_path}: cannot load what it names: {e}") from e
+    threads = (
+        {}
+        if backend is None
+        else {
+            "generator": ThreadPoolExecutor(BACKEND_THREADS, thread_name_prefix="slmify-backend"),
+            "shadowing": ThreadPoolExecutor(BACKEND_THREADS, thread_name_prefix="slmify-shadow"),
+        }
+    )
     return Service(
         manifest=manifest,
         router=router,
@@ -391,7 +424,26 @@ def load_service(
         upstream=Upstream(upstream_url, timeout_s),
         writer=CallWriter(store),
         shadow_rate=shadow_rate,
+        backend=backend,
+        **threads,
     )
+
+
+def connect_backend(
+    manifest: Manifest, runtimes: list[TaskRuntime], urls: list[str], timeout_s: float
+) -> tuple[CompletionsBackend, list[TaskRuntime]]:
+    """The completions servers, checked to host every promoted LoRA adapter, and the tasks
+    left to serve: an unpromoted one (shadow mode) whose adapter no server hosts is dropped
+    (the exported vLLM command hosts the promoted adapters only)."""
+    from slmify.manifest import vllm_commands
+
+    if urls == ["exports"]:
+        urls = [url for _, url in vllm_commands(manifest)]
+    backend = CompletionsBackend([u.rstrip("/") for u in urls], timeout_s)
+    promoted = {t.id for t in manifest.tasks if t.status == "promoted"}
+    backend.connect([t.id for t in runtimes if t.kind == "lora" and t.id in promoted])
+    hosted = [t for t in runtimes if t.kind != "lora" or t.id in backend.served_by]
+    return backend, hosted
 
 
 def run_server(
@@ -404,10 +456,11 @@ def run_server(
     shadow_rate: float,
     announce: Callable[[str], None],
     guard: Guard,
+    backend_urls: list[str] | None = None,
 ) -> dict[str, Any]:
     """Load the manifest's router and specialists and serve until SIGINT/SIGTERM, then
     finish the shadow answers and flush the writer; returns the summary counts."""
-    service = load_service(manifest_path, store, upstream_url, timeout_s, shadow_rate)
+    service = load_service(manifest_path, store, upstream_url, timeout_s, shadow_rate, backend_urls)
 
     def listening(listen: str) -> None:
         announce(
@@ -415,6 +468,8 @@ def run_server(
             f"fallback {redact_url(upstream_url)}, recording into {store.location} (Ctrl-C stops)"
         )
         announce(guard.describe())
+        for line in service.backend.describe() if service.backend else []:
+            announce(line)
 
     try:
         listen = asyncio.run(_serve(make_app(service, guard), host, port, listening))
@@ -423,6 +478,7 @@ def run_server(
     return {
         "listen": listen,
         "upstream": redact_url(upstream_url),
+        "backend": service.backend.urls if service.backend else "in-process",
         "specialists": sorted(service.promoted),
         "answered_by": dict(service.answered),
         "reasons": dict(service.reasons),

@@ -281,7 +281,9 @@ def _legacy(message: dict[str, Any], request: ChatRequest) -> dict[str, Any]:
 class SpecialistPool:
     """The specialists: one loaded model per base, one adapter per task, and label heads."""
 
-    def __init__(self, tasks: list[TaskRuntime]):
+    def __init__(self, tasks: list[TaskRuntime], backend: Any = None):
+        """`backend`: a `slmify.backends.CompletionsBackend` that generates for the LoRA
+        tasks (each adapter served under its task id); None: in-process generation."""
         from slmify.runtime import Specialist
 
         self.tasks = {t.id: t for t in tasks}
@@ -293,6 +295,10 @@ class SpecialistPool:
         for t in tasks:
             if t.kind in HEAD_KINDS:
                 self._heads[t.id] = load_any_head(t.kind, t.head)
+            elif backend is not None:
+                if t.base_path not in self._models:
+                    self._models[t.base_path] = backend.specialist(t.base_path, t.max_new_tokens)
+                self._adapter_name[t.id] = t.id
             elif t.base_path not in self._models:
                 # A base serving one adapter has it merged: no LoRA matmuls per token.
                 merge = lora.count(t.base_path) == 1
@@ -315,13 +321,17 @@ class SpecialistPool:
         prompt_tokens = len(spec.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         asked = request.params.get("max_completion_tokens") or request.params.get("max_tokens")
         cap = min(task.max_new_tokens, asked) if isinstance(asked, int) else task.max_new_tokens
-        window = spec.model.config.max_position_embeddings
+        window = spec.context_window
         if prompt_tokens + cap > window:
             raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
         t0 = time.perf_counter()
-        with self.lock:
-            spec.select(self._adapter_name[task_id])
-            generated = spec.answer(prompt, use_adapter, cap, task.output_shape)
+        name = self._adapter_name[task_id]
+        if spec.remote:  # a server batches concurrent calls itself: no lock, no selection
+            generated = spec.answer(prompt, use_adapter, cap, task.output_shape, adapter=name)
+        else:
+            with self.lock:
+                spec.select(name)
+                generated = spec.answer(prompt, use_adapter, cap, task.output_shape)
         latency_ms = (time.perf_counter() - t0) * 1000  # includes waiting for the lock
         text, stopped = _stop_at(generated.text, request.params.get("stop"))
         tokens = generated.output_tokens
