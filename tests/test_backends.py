@@ -197,7 +197,6 @@ def test_an_adapter_the_backend_lacks_stops_serve_at_startup(deployment, store, 
     from typer.testing import CliRunner
 
     from slmify.cli import app
-
     from slmify.manifest import write_manifest
 
     base = deployment.pool.tasks[TEXT].base_path
