@@ -57,7 +57,7 @@ def load(name: str, n: int) -> list[dict[str, Any]]:
 
 def fit_router(root: Path, calls: list[dict[str, Any]]) -> tuple[list[dict], dict[str, str]]:
     """`slmify cluster` on the calls: the tasks, and the task of each call id."""
-    from slmify.cluster import ClusterConfig, cluster_store, read_assignments
+    from slmify.cluster import ClusterConfig, cluster_store
     from slmify.collect import from_openai_log
     from slmify.workspace import Workspace
 
@@ -65,8 +65,7 @@ def fit_router(root: Path, calls: list[dict[str, Any]]) -> tuple[list[dict], dic
     with ws.open_store() as st:
         st.add_calls([from_openai_log(c, "bench")[0] for c in calls])
         cluster_store(st, ws, ClusterConfig())
-    tasks = json.loads((root / "cluster" / "tasks.json").read_text())["tasks"]
-    return tasks, read_assignments(root / "assignments.jsonl")
+    return [t.model_dump(mode="json") for t in ws.tasks()], ws.assigned()
 
 
 def build_deployment(root: Path, tasks: list[dict], promoted: str, calls: list[dict]) -> Path:

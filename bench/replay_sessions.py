@@ -85,7 +85,7 @@ class Comparison:
 def load_deployment(workspace: Path, limit: int | None = None) -> Deployment:
     """Eval's test rows (a deterministic `limit` of them, by eval's own sampling), their
     calls from the store, and what the manifest deploys."""
-    from slmify.evaluate import load_tasks, sample_ids, trained_task
+    from slmify.evaluate import sample_ids, trained_task
     from slmify.manifest import read_manifest
     from slmify.schema import ReplayedCall
     from slmify.workspace import Workspace
@@ -100,7 +100,7 @@ def load_deployment(workspace: Path, limit: int | None = None) -> Deployment:
     rows = [r for r in rows if r.call_id in keep]
     with Workspace.resolve(workspace).open_store() as st:
         calls = {r.call_id: st.get_call(r.call_id).record for r in rows}
-    found = [trained_task(workspace, t) for t in load_tasks(workspace)]
+    found = [trained_task(workspace, t) for t in Workspace.at(workspace).tasks()]
     trained = [t for t in found if not isinstance(t, str)]
     deployed = read_manifest(manifest)
     return Deployment(

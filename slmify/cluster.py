@@ -15,7 +15,6 @@ so a failed run leaves the previous results whole. The steps are numbered in `cl
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -41,8 +40,8 @@ from slmify.features import (
     strip_boilerplate,
 )
 from slmify.router import Router, fit_router
-from slmify.schema import SCHEMA_VERSION, TaskCluster
-from slmify.store import Store, dump_jsonl
+from slmify.schema import TaskCluster
+from slmify.store import Store
 from slmify.tasks import DEFAULT_PRICES, ModelPrice, describe_tasks
 from slmify.workspace import Workspace
 
@@ -257,11 +256,11 @@ def cluster_store(
     task_raw, turn_raw = vectors[:n], vectors[n:]
     # 4-6. Cluster, describe the tasks, fit the router.
     t_cluster = time.perf_counter()
-    previous = read_assignments(ws.root / "assignments.jsonl")
+    previous = ws.assigned() if ws.assignments_file().exists() else {}
     found = discover(views, task_raw, turn_raw, shared, config, previous)
     t_cluster = time.perf_counter() - t_cluster
     # 7. Write everything to a staging folder, then swap it in.
-    final = ws.root / "cluster"
+    final = ws.cluster_dir()
     tasks, task_of, router = found.tasks, found.task_of, found.router
     unassigned = sum(t is None for t in task_of)
     summary = {
@@ -281,8 +280,8 @@ def cluster_store(
         "embed_seconds": round(t_embed, 2),
         "cluster_seconds": round(t_cluster, 2),  # with describing and the router
         "seconds": round(time.perf_counter() - started, 2),
-        "tasks_path": str(final / "tasks.json"),
-        "assignments": str(ws.root / "assignments.jsonl"),
+        "tasks_path": str(ws.tasks_file()),
+        "assignments": str(ws.assignments_file()),
         "report": str(final / "report.html"),
         "router": str(final / "router"),
     }
@@ -343,26 +342,13 @@ def _embed(store: Store, embedder: Embedder, texts: list[str], progress: bool):
         )
 
 
-def read_assignments(path: Path) -> dict[str, str]:
-    """A previous run's call -> task ids (unassigned calls left out); {} if none."""
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("task"):
-            out[row["id"]] = row["task"]
-    return out
-
-
 def _write(ws, final, config, summary, tasks, views, task_of, router, features) -> None:
     from slmify.report import write_report
 
     staging = ws.root / ".cluster-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    doc = {"schema_version": SCHEMA_VERSION, "tasks": [t.model_dump(mode="json") for t in tasks]}
-    (staging / "tasks.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    ws.write_tasks(tasks, staging)
     router.save(staging / "router")
     write_report(staging, summary, tasks, features, task_of)
     meta = {
@@ -377,7 +363,4 @@ def _write(ws, final, config, summary, tasks, views, task_of, router, features) 
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    dump_jsonl(
-        ws.root / "assignments.jsonl",
-        ({"id": v.id, "task": t} for v, t in zip(views, task_of, strict=True)),
-    )
+    ws.write_assignments({v.id: t for v, t in zip(views, task_of, strict=True)})

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from slmify.recipes import DatasetConfig, PruneConfig
-from slmify.schema import CallRecord, ChatRequest, ContextPolicy, PromptPruning, message_text
+from slmify.schema import (
+    CallRecord,
+    ChatRequest,
+    ContextPolicy,
+    PromptPruning,
+    Splits,
+    message_text,
+)
+from slmify.workspace import SPLITS_FILE, read_splits_file, write_splits_file
 
 SPLITS = ("train", "validation", "calibration", "test")
 FROZEN = ("test", "calibration")  # once a call is held out there, it stays there
@@ -289,18 +297,19 @@ def split_of(call: CallRecord, cfg: DatasetConfig) -> str:
     return "train"
 
 
-def assign_splits(
-    calls: list[CallRecord], cfg: DatasetConfig, splits_file: Path
-) -> dict[str, list[str]]:
-    """Call ids per split; ids recorded in `splits_file` as test or calibration stay there."""
-    frozen: dict[str, str] = {}
-    if splits_file.exists():
-        recorded = json.loads(splits_file.read_text())
-        frozen = {cid: s for s in FROZEN for cid in recorded.get(s, [])}
+def assign_splits(calls: list[CallRecord], cfg: DatasetConfig, recorded: Splits | None) -> Splits:
+    """Call ids per split; ids `recorded` (the last run's) as test or calibration stay there."""
+    frozen = {cid: s for s in FROZEN for cid in getattr(recorded, s)} if recorded else {}
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     for c in calls:
         splits[frozen.get(c.id) or split_of(c, cfg)].append(c.id)
-    return splits
+    return Splits(
+        key="session (call id when absent), sha256",
+        validation_fraction=cfg.validation_fraction,
+        test_fraction=cfg.test_fraction,
+        calibration_fraction=cfg.calibration_fraction,
+        **splits,
+    )
 
 
 # -- the dataset --------------------------------------------------------------------------
@@ -313,8 +322,9 @@ def build_task_dataset(
     from datasets import Dataset, DatasetDict
 
     pruning = find_pruning(calls, cfg.prune, cfg.context)
-    splits = assign_splits(calls, cfg, out / "splits.json")
-    split_by_id = {cid: s for s, ids in splits.items() for cid in ids}
+    recorded = read_splits_file(out) if (out / SPLITS_FILE).exists() else None
+    splits = assign_splits(calls, cfg, recorded)
+    split_by_id = {cid: s for s in SPLITS for cid in getattr(splits, s)}
     end = turn_end(tokenizer)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for c in calls:
@@ -334,15 +344,7 @@ def build_task_dataset(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "pruning.json").write_text(pruning.model_dump_json(indent=2))
-    split_record = {
-        "schema_version": 1,
-        "key": "session (call id when absent), sha256",
-        "validation_fraction": cfg.validation_fraction,
-        "test_fraction": cfg.test_fraction,
-        "calibration_fraction": cfg.calibration_fraction,
-        **splits,
-    }
-    (out / "splits.json").write_text(json.dumps(split_record, indent=1))
+    write_splits_file(out, splits)
     folder = out / "dataset"
     folder.mkdir(exist_ok=True)
     for split, items in rows.items():

@@ -24,7 +24,6 @@ their specialists, stay as they are.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -160,9 +159,9 @@ def eval_report(ws_root: Path, task_id: str) -> Any:
     return EvalReport.model_validate_json(path.read_text(encoding="utf-8"))
 
 
-def adapter_digest(ws_root: Path, task_id: str) -> str:
+def adapter_digest(ws: Workspace, task_id: str) -> str:
     """The trained specialist's bytes: its LoRA adapter or its label head."""
-    folder = ws_root / "specialists" / task_id
+    folder = ws.specialist_dir(task_id)
     adapter, head = folder / "adapter", folder / "head"
     return files_digest(
         [
@@ -174,43 +173,29 @@ def adapter_digest(ws_root: Path, task_id: str) -> str:
     )
 
 
-def eval_inputs(ws_root: Path, task_id: str, limit: int | None) -> str | None:
+def eval_inputs(ws: Workspace, task_id: str, limit: int | None) -> str | None:
     """Hash of what an evaluation reads: the specialist, the held-out splits, the limit;
     None when the task has no trained specialist."""
-    from slmify.schema import SpecialistResult
-
-    folder = ws_root / "specialists" / task_id
-    if not (folder / "result.json").exists():
+    if isinstance(ws.trained(task_id), str):
         return None
-    result = SpecialistResult.model_validate_json((folder / "result.json").read_text())
-    if result.status != "trained":
-        return None
-    splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
-    held_out = [sorted(splits.get(s, [])) for s in ("test", "calibration")]
-    return content_hash([adapter_digest(ws_root, task_id), held_out, limit])
+    splits = ws.splits(task_id)
+    held_out = [sorted(splits.test), sorted(splits.calibration)]
+    return content_hash([adapter_digest(ws, task_id), held_out, limit])
 
 
-def manifest_inputs(ws_root: Path, state: RunState) -> str:
+def manifest_inputs(ws: Workspace, state: RunState) -> str:
     """Hash of what the manifest reads: tasks, router, results, eval reports, demotions."""
-    files = [ws_root / "cluster" / "tasks.json", ws_root / "cluster" / "router" / "router.json"]
-    for folder in sorted((ws_root / "specialists").glob("*/")):
-        files.append(folder / "result.json")
-        files.append(ws_root / "eval" / folder.name / "report.json")
+    files = [ws.tasks_file(), ws.router_dir() / "router.json"]
+    for folder in sorted(ws.specialists_dir().glob("*/")):
+        files.append(ws.result_file(folder.name))
+        files.append(ws.root / "eval" / folder.name / "report.json")
     demoted = {k: v.model_dump() for k, v in state.demoted.items()}
     return content_hash(
-        [[str(f.relative_to(ws_root)) for f in files], files_digest(files), demoted]
+        [[str(f.relative_to(ws.root)) for f in files], files_digest(files), demoted]
     )
 
 
 # -- new calls and the existing tasks ------------------------------------------------------
-
-
-def read_assignments(path: Path) -> dict[str, str | None]:
-    """Every clustered call id -> its task id, None for calls that fit no task."""
-    if not path.exists():
-        return {}
-    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return {row["id"]: row["task"] for row in rows}
 
 
 def route_calls(router: Any, store: Any, call_ids: list[str]) -> list[Routed]:
@@ -248,29 +233,23 @@ def router_confidence(router: Any, store: Any, call_ids: list[str]) -> float | N
     return round(sum(r.confidence for r in routed) / len(routed), 4) if routed else None
 
 
-def assign_to_tasks(ws_root: Path, routed: list[Routed], unrouted: list[str]) -> dict[str, int]:
+def assign_to_tasks(ws: Workspace, routed: list[Routed], unrouted: list[str]) -> dict[str, int]:
     """Add new calls to the existing tasks without re-clustering: assignments.jsonl gains
     a line per call (`unrouted` ones, and those the router does not place, get null), and
-    each task in cluster/tasks.json its new size and share.
+    each task in cluster/tasks.json its new size and share, both written by the cluster
+    stage's writers (`Workspace.write_assignments`, `Workspace.write_tasks`).
 
     Tokens, LLM cost and value grow by the task's mean per call: the label, terms,
     representatives and output diversity stay as clustering found them until the next
     re-cluster recomputes everything.
     """
-    from slmify.schema import TaskCluster
-    from slmify.store import dump_jsonl
-
-    path = ws_root / "assignments.jsonl"
-    assigned = read_assignments(path)
+    assigned = ws.assignments()
     assigned.update({r.call_id: r.task_id for r in routed})
     assigned.update({call_id: None for call_id in unrouted})
-    dump_jsonl(path, ({"id": k, "task": v} for k, v in assigned.items()))
+    tasks = ws.tasks()
     added = Counter(r.task_id for r in routed if r.task_id is not None)
-    tasks_file = ws_root / "cluster" / "tasks.json"
-    doc = json.loads(tasks_file.read_text(encoding="utf-8"))
     total = len(assigned)
-    for i, raw in enumerate(doc["tasks"]):
-        task = TaskCluster.model_validate(raw)
+    for task in tasks:
         grow = (task.calls + added[task.id]) / task.calls if task.calls else 1.0
         task.calls += added[task.id]
         task.share = round(task.calls / total, 4)
@@ -278,10 +257,8 @@ def assign_to_tasks(ws_root: Path, routed: list[Routed], unrouted: list[str]) ->
         task.output_tokens = round(task.output_tokens * grow)
         task.llm_cost_usd = round(task.llm_cost_usd * grow, 4)
         task.value_score = round(task.value_score * grow, 4)
-        doc["tasks"][i] = task.model_dump(mode="json")
-    tmp = tasks_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    tmp.replace(tasks_file)
+    ws.write_assignments(assigned)
+    ws.write_tasks(tasks)
     return dict(added)
 
 

@@ -49,6 +49,7 @@ from slmify.schema import (
     message_text,
 )
 from slmify.specialists import TaskRuntime
+from slmify.workspace import Workspace
 
 HELD_OUT = ("test", "calibration")
 
@@ -138,49 +139,22 @@ class TrainedTask:
         )
 
 
-def load_tasks(ws_root: Path) -> list[TaskCluster]:
-    path = ws_root / "cluster" / "tasks.json"
-    if not path.exists():
-        raise EvalError(f"{path} not found: run `slmify cluster` first")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items = data["tasks"] if isinstance(data, dict) else data
-    return [TaskCluster.model_validate(t) for t in items]
-
-
-def read_result(folder: Path) -> SpecialistResult | None:
-    """A task's `result.json`, its adapter or head found in `folder` as `slmify train` lays
-    it out, not at the path recorded then: a workspace may have been moved or copied."""
-    result_file = folder / "result.json"
-    if not result_file.exists():
-        return None
-    result = SpecialistResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-    return result.model_copy(
-        update={
-            "adapter": str(folder / "adapter") if result.adapter else None,
-            "head": str(folder / "head") if result.head else None,
-        }
-    )
-
-
 def trained_task(ws_root: Path, task: TaskCluster) -> TrainedTask | str:
     """The task's specialist files, or why there is no specialist to evaluate."""
-    folder = ws_root / "specialists" / task.id
-    result = read_result(folder)
-    if result is None:
-        return "no specialist trained (run `slmify train`)"
-    if result.status != "trained" or not (result.adapter or result.head):
-        return f"no specialist: training {result.status}" + (
-            f" ({result.reason})" if result.reason else ""
-        )
-    cfg, dataset = read_recipe_sections(folder / "recipe.yaml")
-    splits = json.loads((folder / "splits.json").read_text(encoding="utf-8"))
+    ws = Workspace.at(ws_root)
+    result = ws.trained(task.id)
+    if isinstance(result, str):
+        return result
+    folder = ws.specialist_dir(task.id)
+    cfg, dataset = read_recipe_sections(ws.recipe_file(task.id))
+    splits = ws.splits(task.id)
     pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
     return TrainedTask(
         task=task,
         folder=folder,
         result=result,
         pruning=pruning,
-        held_out={s: list(splits.get(s, [])) for s in HELD_OUT},
+        held_out={s: list(getattr(splits, s)) for s in HELD_OUT},
         cfg=cfg,
         dataset=dataset,
     )
@@ -236,15 +210,15 @@ def evaluate_workspace(
 ) -> dict[str, Any]:
     """Calibrate and evaluate every trained task (or `task_ids`) end to end; returns the
     summary `slmify eval` prints, headed by the share of held-out calls served."""
-    from slmify.cluster import read_assignments
     from slmify.endtoend import Replay, end_to_end, fit_deferrals, task_served
     from slmify.runtime import TextEncoder
     from slmify.specialists import SpecialistPool, serving_threshold
 
-    tasks = load_tasks(ws_root)
+    ws = Workspace.at(ws_root)
+    tasks = ws.tasks()
     unknown = sorted(set(task_ids or []) - {t.id for t in tasks})
     if unknown:
-        raise EvalError(f"no task {', '.join(unknown)} in {ws_root / 'cluster' / 'tasks.json'}")
+        raise EvalError(f"no task {', '.join(unknown)} in {ws.tasks_file()}")
     trained: list[TrainedTask] = []
     summary: dict[str, Any] = {"evaluated": 0, "promoted": 0, "tasks": []}
     for task in tasks:
@@ -266,7 +240,7 @@ def evaluate_workspace(
         cfgs={t.task.id: t.cfg for t in trained},
         encoder=TextEncoder(),
         judge=_judge_call(judge) if judge else None,
-        cluster_task=read_assignments(ws_root / "assignments.jsonl"),
+        cluster_task=ws.assigned(),
     )
     calls = held_out_calls(store, trained, limit)
     out = ws_root / "eval" / "endtoend"
@@ -304,7 +278,7 @@ def evaluate_workspace(
 
 
 def _load_router(ws_root: Path) -> Any:
-    folder = ws_root / "cluster" / "router"
+    folder = Workspace.at(ws_root).router_dir()
     if not (folder / "router.json").exists():
         return None
     from slmify.router import load_router

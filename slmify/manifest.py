@@ -47,6 +47,7 @@ from slmify.schema import (
     TaskEvaluation,
     content_hash,
 )
+from slmify.workspace import RECIPE_FILE, Workspace
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 # Loopback: the vLLM backend answers any prompt with any adapter, so only serve may reach it.
@@ -228,9 +229,7 @@ def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
 
 def build_manifest(ws_root: Path, store: Any) -> Manifest:
     """The manifest of the workspace as it stands: every task, promoted or on the LLM."""
-    from slmify.evaluate import load_tasks
-
-    tasks = load_tasks(ws_root)
+    tasks = Workspace.at(ws_root).tasks()
     entries = [manifest_task(ws_root, t) for t in tasks]
     summary = ws_root / "eval" / "endtoend" / "summary.json"
     headline = (
@@ -250,11 +249,10 @@ def build_manifest(ws_root: Path, store: Any) -> Manifest:
 
 def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
     """One task's entry: its specialist and evaluation when they exist, and the decision."""
-    from slmify.evaluate import read_result
-
-    folder = ws_root / "specialists" / task.id
+    ws = Workspace.at(ws_root)
+    folder = ws.specialist_dir(task.id)
     report_file = ws_root / "eval" / task.id / "report.json"
-    result = read_result(folder)
+    result = ws.trained(task.id)
     entry = ManifestTask(
         id=task.id,
         label=task.label,
@@ -262,18 +260,14 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
         calls=task.calls,
         output_shape=task.output_shape,
         status="llm",
-        reason="no specialist trained (run `slmify train`)",
+        reason=result if isinstance(result, str) else "",
     )
-    if result is None or result.status != "trained" or not (result.adapter or result.head):
-        if result is not None:
-            entry.reason = f"no specialist: training {result.status}" + (
-                f" ({result.reason})" if result.reason else ""
-            )
+    if isinstance(result, str):
         return entry
     entry.specialist = specialist_spec(folder, result)
     data = folder / "dataset"
     entry.data_hash = files_hash([data / "train.jsonl", data / "validation.jsonl"])
-    entry.recipe_hash = content_hash(yaml.safe_load((folder / "recipe.yaml").read_text()))
+    entry.recipe_hash = content_hash(yaml.safe_load(ws.recipe_file(task.id).read_text()))
     if not report_file.exists():
         entry.reason = "not evaluated yet (run `slmify eval`)"
         return entry
@@ -295,7 +289,7 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
 
 def router_spec(ws_root: Path) -> RouterSpec | None:
     """The router `slmify cluster` fitted (cluster/router/), or None: all calls to the LLM."""
-    folder = ws_root / "cluster" / "router"
+    folder = Workspace.at(ws_root).router_dir()
     if not (folder / "router.json").exists():
         return None
     meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
@@ -317,7 +311,7 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
     from slmify.recipes import read_recipe_sections
 
     pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
-    max_new_tokens = read_recipe_sections(folder / "recipe.yaml")[0].max_new_tokens
+    max_new_tokens = read_recipe_sections(folder / RECIPE_FILE)[0].max_new_tokens
     if result.kind != "lora":
         head = Path(result.head)
         meta = json.loads((head / "head.json").read_text(encoding="utf-8"))

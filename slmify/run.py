@@ -43,7 +43,6 @@ from slmify.drift import (
     live_scores,
     load_state,
     manifest_inputs,
-    read_assignments,
     route_calls,
     router_confidence,
     routing_findings,
@@ -196,7 +195,7 @@ class Pipeline:
         calls = training_calls(store)
         settings = content_hash(self.cluster_config.model_dump(mode="json"))
         inputs = content_hash([sorted(calls.items()), settings])
-        if self.state.stages.get("cluster") == inputs and self.has_clustering():
+        if self.state.stages.get("cluster") == inputs and self.ws.has_clustering():
             return StageOutcome(
                 name="cluster", ran=False, reason=f"{len(calls)} training calls unchanged"
             )
@@ -208,7 +207,7 @@ class Pipeline:
             )
         summary = cluster_store(store, self.ws, self.cluster_config, self.progress)
         self.state.router_confidence = router_confidence(
-            load_router(self.ws.root / "cluster" / "router"), store, list(calls)
+            load_router(self.ws.router_dir()), store, list(calls)
         )
         self.state.cluster_settings = settings
         self.state.stages["cluster"] = inputs
@@ -220,34 +219,29 @@ class Pipeline:
             details={**{k: summary[k] for k in keys}, **details},
         )
 
-    def has_clustering(self) -> bool:
-        root = self.ws.root
-        needed = ["cluster/tasks.json", "cluster/router/router.json", "assignments.jsonl"]
-        return all((root / path).exists() for path in needed)
-
     def recluster_reason(
         self, store: Any, calls: dict[str, str], settings: str
     ) -> tuple[str | None, dict[str, Any]]:
         """Why everything must be re-clustered, or None after placing the new calls in the
         existing tasks (with what was done)."""
-        if not self.has_clustering():
+        if not self.ws.has_clustering():
             return "no clustering yet", {}
         if self.state.cluster_settings != settings:
             return "cluster settings changed", {}
-        assigned = read_assignments(self.ws.root / "assignments.jsonl")
+        assigned = self.ws.assignments()
         gone = len(set(assigned) - set(calls))
         if gone:
             return f"{gone} clustered call(s) are no longer training calls", {}
         new = [c for c in calls if c not in assigned]
         # Answers a specialist gave while serving are not the LLM's: never training data.
         answered = [c for c in new if store.get_call(c).record.source.startswith("specialist:")]
-        router = load_router(self.ws.root / "cluster" / "router")
+        router = load_router(self.ws.router_dir())
         routed = route_calls(router, store, [c for c in new if c not in answered])
         found = routing_findings(routed, assigned, self.state.router_confidence, self.cfg.drift)
         self.findings += found
         if found:
             return "drift: " + "; ".join(sorted({f.kind for f in found})), {}
-        added = assign_to_tasks(self.ws.root, routed, answered)
+        added = assign_to_tasks(self.ws, routed, answered)
         unplaced = len(routed) - sum(added.values())
         return None, {
             "reason": f"{len(new)} new call(s) placed in the existing tasks, no drift",
@@ -257,17 +251,16 @@ class Pipeline:
 
     def train(self, store: Any) -> StageOutcome:
         """Train each task whose training calls or recipe changed, or that has no result."""
-        from slmify.train import load_tasks, train_all
+        from slmify.train import train_all
 
-        tasks, assignment = load_tasks(self.ws)
-        calls = task_call_hashes(training_calls(store), assignment)
+        tasks = self.ws.tasks()
+        calls = task_call_hashes(training_calls(store), self.ws.assigned())
         recipe_hash = content_hash(self.recipe.model_dump(mode="json"))
         todo: dict[str, str] = {}
         for task in tasks:
             now = {"calls": calls.get(task.id, ""), "recipe": recipe_hash}
             before = self.state.train.get(task.id)
-            result = self.ws.root / "specialists" / task.id / "result.json"
-            if before is None or not result.exists():
+            if before is None or not self.ws.result_file(task.id).exists():
                 todo[task.id] = "no specialist yet"
             elif before != now:
                 todo[task.id] = (
@@ -300,11 +293,11 @@ class Pipeline:
         """Evaluate end to end when any trained specialist's adapter, held-out splits or
         limit changed: the replay is of the whole deployment, so every specialist answers
         again (one changed task changes what the router's other candidates see)."""
-        from slmify.evaluate import evaluate_workspace, load_tasks
+        from slmify.evaluate import evaluate_workspace
 
         todo, trained = [], {}
-        for task in load_tasks(self.ws.root):
-            inputs = eval_inputs(self.ws.root, task.id, self.cfg.eval.limit)
+        for task in self.ws.tasks():
+            inputs = eval_inputs(self.ws, task.id, self.cfg.eval.limit)
             if inputs is None:
                 continue
             trained[task.id] = inputs
@@ -333,7 +326,7 @@ class Pipeline:
     def manifest(self, store: Any) -> StageOutcome:
         """Check live agreement, then rewrite the manifest if anything it reads changed."""
         self.check_live_agreement(store)
-        inputs = manifest_inputs(self.ws.root, self.state)
+        inputs = manifest_inputs(self.ws, self.state)
         path = self.ws.root / "manifest.yaml"
         if self.state.stages.get("manifest") == inputs and path.exists():
             return StageOutcome(
@@ -359,11 +352,9 @@ class Pipeline:
     def check_live_agreement(self, store: Any) -> None:
         """Demote promoted specialists whose live agreement fell below their gate; lift
         demotions of adapters that have been retrained since."""
-        from slmify.evaluate import load_tasks
-
         promoted = {}
-        for task in load_tasks(self.ws.root):
-            adapter = adapter_digest(self.ws.root, task.id)
+        for task in self.ws.tasks():
+            adapter = adapter_digest(self.ws, task.id)
             demotion = self.state.demoted.get(task.id)
             if demotion is not None and demotion.adapter != adapter:
                 del self.state.demoted[task.id]
@@ -395,6 +386,7 @@ def stage_errors() -> tuple[type[Exception], ...]:
     from slmify.models import ModelError
     from slmify.store import StoreError
     from slmify.train import TrainError
+    from slmify.workspace import WorkspaceError
 
     return (
         ClusterError,
@@ -404,6 +396,7 @@ def stage_errors() -> tuple[type[Exception], ...]:
         ModelError,
         StoreError,
         TrainError,
+        WorkspaceError,
     )
 
 
@@ -421,7 +414,6 @@ def manifest_statuses(path: Path) -> dict[str, str]:
 
 def write_run_manifest(ws_root: Path, store: Any, demoted: dict[str, Demotion]) -> dict[str, str]:
     """The manifest as `slmify manifest` writes it, with demoted tasks kept on the LLM."""
-    from slmify.evaluate import load_tasks
     from slmify.manifest import build_manifest, savings, write_exports, write_manifest
 
     manifest = build_manifest(ws_root, store)
@@ -429,7 +421,7 @@ def write_run_manifest(ws_root: Path, store: Any, demoted: dict[str, Demotion]) 
         if entry.id in demoted and entry.status == "promoted":
             entry.status = "llm"
             entry.reason = f"demoted by slmify run: {demoted[entry.id].reason}"
-    manifest.savings = savings(load_tasks(ws_root), manifest.tasks)
+    manifest.savings = savings(Workspace.at(ws_root).tasks(), manifest.tasks)
     manifest.exports = write_exports(manifest, ws_root / "exports")
     write_manifest(manifest, ws_root / "manifest.yaml")
     return {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks}

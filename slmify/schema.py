@@ -49,6 +49,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Agreement",
     "AnswerScore",
+    "Assignment",
     "CallRecord",
     "ChatRequest",
     "ChatResponse",
@@ -74,9 +75,11 @@ __all__ = [
     "SpecialistKind",
     "SpecialistResult",
     "SpecialistSpec",
+    "Splits",
     "StageOutcome",
     "TaskCluster",
     "TaskEvaluation",
+    "TaskList",
     "TaskServed",
     "Usage",
     "content_hash",
@@ -113,6 +116,26 @@ class TaskCluster(BaseModel):
     output_diversity: float = 0.0
     value_score: float = 0.0
     representatives: list[str] = Field(default_factory=list, description="Call ids.")
+
+
+class TaskList(BaseModel):
+    """`cluster/tasks.json`: the tasks `slmify cluster` found, ranked by value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    tasks: list[TaskCluster]
+
+
+class Assignment(BaseModel):
+    """One line of `assignments.jsonl`: a clustered call and its task, None when it fits
+    none. A line carries no version: the file is rewritten whole with tasks.json, whose
+    version it shares, and a version on each of a million lines would be its bulk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    task: str | None
 
 
 # -- S4/S5 train --------------------------------------------------------------------------
@@ -160,6 +183,23 @@ class PromptPruning(BaseModel):
         description="How much of a long conversation the specialist reads (the recipe's "
         "dataset.context); absent in older files: all of it.",
     )
+
+
+class Splits(BaseModel):
+    """`specialists/<task id>/splits.json`: the task's call ids per split, by session hash;
+    test and calibration ids recorded here stay there on every later run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    key: str = Field(description="What a call is split by, and the hash.")
+    validation_fraction: float
+    test_fraction: float
+    calibration_fraction: float
+    train: list[str]
+    validation: list[str]
+    calibration: list[str]
+    test: list[str]
 
 
 class SpecialistResult(BaseModel):

@@ -151,6 +151,7 @@ def _legacy_prompting(task_id: str, adapter: Path) -> tuple[PromptPruning, int]:
     """A manifest written before manifests held the prompting (format 1 without `pruning`):
     the train stage's files beside the adapter, as serve read them then."""
     from slmify.recipes import read_recipe_sections
+    from slmify.workspace import RECIPE_FILE
 
     folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
     pruning_file = folder / "pruning.json"
@@ -159,7 +160,7 @@ def _legacy_prompting(task_id: str, adapter: Path) -> tuple[PromptPruning, int]:
             f"{pruning_file} not found: task {task_id}'s manifest entry has no pruning and "
             "its specialist folder is incomplete; run `slmify manifest` again"
         )
-    cfg = read_recipe_sections(folder / "recipe.yaml")[0]
+    cfg = read_recipe_sections(folder / RECIPE_FILE)[0]
     return PromptPruning.model_validate_json(pruning_file.read_text()), cfg.max_new_tokens
 
 

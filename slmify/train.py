@@ -36,7 +36,7 @@ from slmify.models import (
 )
 from slmify.recipes import Recipe, save_resolved
 from slmify.schema import CallRecord, SpecialistResult, TaskCluster
-from slmify.workspace import Workspace
+from slmify.workspace import RECIPE_FILE, Workspace
 
 
 class TrainError(SlmifyError, RuntimeError):
@@ -44,31 +44,6 @@ class TrainError(SlmifyError, RuntimeError):
 
 
 # -- inputs -------------------------------------------------------------------------------
-
-
-def load_tasks(ws: Workspace) -> tuple[list[TaskCluster], dict[str, str]]:
-    """The tasks, and the task id of each assigned call id."""
-    tasks_file, assign_file = ws.root / "cluster" / "tasks.json", ws.root / "assignments.jsonl"
-    for f in (tasks_file, assign_file):
-        if not f.exists():
-            raise TrainError(f"{f} not found; run `slmify cluster` first")
-    try:
-        doc = json.loads(tasks_file.read_text(encoding="utf-8"))
-        tasks = [TaskCluster.model_validate(t) for t in doc["tasks"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"{tasks_file}: not a tasks file ({e})") from None
-    assignment: dict[str, str] = {}
-    with assign_file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if row["task"] is not None:
-                    assignment[str(row["id"])] = str(row["task"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise TrainError(f"{assign_file}:{lineno}: bad assignment line ({e})") from None
-    return tasks, assignment
 
 
 def gather_calls(ws: Workspace, assignment: dict[str, str]) -> tuple[dict[str, list], str]:
@@ -100,11 +75,11 @@ def train_all(
     ws: Workspace, recipe: Recipe, task_id: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Train every task (or `task_id`); one SpecialistResult per task in the summary."""
-    tasks, assignment = load_tasks(ws)
+    tasks, assignment = ws.tasks(), ws.assigned()
     if task_id is not None:
         tasks = [t for t in tasks if t.id == task_id]
         if not tasks:
-            raise TrainError(f"no task {task_id!r} in {ws.root / 'cluster' / 'tasks.json'}")
+            raise TrainError(f"no task {task_id!r} in {ws.tasks_file()}")
     by_task, source = gather_calls(ws, assignment)
     # 1. Locate the base model (materializing an embedded GGUF once) and screen it.
     import torch
@@ -134,13 +109,13 @@ def train_all(
     results = []
     with Bars(progress, len(tasks)) as bars:
         for task in tasks:
-            out = ws.root / "specialists" / task.id
+            out = ws.specialist_dir(task.id)
             out.mkdir(parents=True, exist_ok=True)
             bars.start(task.id)
             result = train_task(
                 task, by_task.get(task.id, []), recipe, info, tokenizer, plan, out, bars
             )
-            (out / "result.json").write_text(result.model_dump_json(indent=2))
+            ws.write_result(result)
             results.append(result.model_dump(mode="json"))
             bars.done()
     return {
@@ -187,7 +162,7 @@ def train_task(
     cfg = recipe.dataset
     if len(calls) < cfg.min_calls:
         return skipped(f"{len(calls)} calls, fewer than dataset.min_calls={cfg.min_calls}")
-    save_resolved(recipe, out / "recipe.yaml")
+    save_resolved(recipe, out / RECIPE_FILE)
     rows = build_task_dataset(calls, tokenizer, cfg, out)
     if head := _train_head(task, calls, recipe, rows, out):
         return head
@@ -266,7 +241,7 @@ def _fit(recipe, info, tokenizer, plan, out, train_ds, val_ds, bars) -> dict[str
         )
     model = get_peft_model(model, lora_config(recipe, model, info.layers))
     ckpt_dir = out / "checkpoints"
-    resume = _resumable(ckpt_dir, out / "recipe.yaml")
+    resume = _resumable(ckpt_dir, out / RECIPE_FILE)
     budget = budget_callback(t.max_minutes)
     callbacks = [budget, *([bars.callback()] if bars is not None and bars.enabled else [])]
     if t.patience:
@@ -418,7 +393,7 @@ def _resumable(ckpt_dir: Path, recipe_file: Path) -> str | None:
     """The last checkpoint, if it was made with the same resolved recipe."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    stamp = ckpt_dir / "recipe.yaml"
+    stamp = ckpt_dir / RECIPE_FILE
     if ckpt_dir.exists() and stamp.exists() and stamp.read_text() == recipe_file.read_text():
         return get_last_checkpoint(str(ckpt_dir))
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -28,10 +28,10 @@ from slmify.schema import (
     EndToEnd,
     EvalReport,
     ReplayedCall,
-    SpecialistResult,
     TaskCluster,
 )
 from slmify.task_names import example, name_tasks
+from slmify.workspace import Workspace
 
 M = TypeVar("M", bound=BaseModel)
 CALLS_PER_TASK = 300  # enough to describe a task; the store may hold millions
@@ -60,16 +60,11 @@ class ReportError(SlmifyError, RuntimeError):
 
 def build_report(ws_root: Path, store: Any) -> dict[str, Any]:
     """The report's content: headline, tasks (named, with examples and specialists), map."""
-    from slmify.cluster import read_assignments
-
-    tasks_file = ws_root / "cluster" / "tasks.json"
-    if not tasks_file.exists():
-        raise ReportError(f"{tasks_file} not found: run `slmify cluster` first")
-    doc = json.loads(tasks_file.read_text(encoding="utf-8"))
-    tasks = [TaskCluster.model_validate(t) for t in doc["tasks"]]
+    ws = Workspace.at(ws_root)
+    tasks = ws.tasks()
     # 1. The calls behind each task, its representatives first.
-    calls = _task_calls(store, tasks, read_assignments(ws_root / "assignments.jsonl"))
-    labels = {t.id: _labels(ws_root / "specialists" / t.id) for t in tasks}
+    calls = _task_calls(store, tasks, ws.assigned())
+    labels = {t.id: _labels(ws.specialist_dir(t.id)) for t in tasks}
     names = name_tasks(tasks, {k: [c for c, _ in v] for k, v in calls.items()}, labels)
     # 2. What calibration and the test sessions said.
     calibration = _rows(ws_root / "eval" / "endtoend" / "calibration.jsonl")
@@ -100,7 +95,7 @@ def build_report(ws_root: Path, store: Any) -> dict[str, Any]:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "headline": headline(e2e, {t["id"]: t["name"] for t in out_tasks}),
         "tasks": out_tasks,
-        "map": _map(ws_root / "cluster" / "map.json"),
+        "map": _map(ws.cluster_dir() / "map.json"),
     }
 
 
@@ -177,11 +172,9 @@ def coverage_curve(rows: list[ReplayedCall]) -> list[list[float]]:
 
 def specialist(ws_root: Path, task_id: str, calibration: list[ReplayedCall]) -> dict[str, Any]:
     """A task's specialist: training, the gate, its threshold and what it served."""
-    folder = ws_root / "specialists" / task_id
-    result_file = folder / "result.json"
-    if not result_file.exists():
+    result = Workspace.at(ws_root).result(task_id)
+    if result is None:
         return {"status": "untrained", "reason": "no specialist: run `slmify train`"}
-    result = _read(SpecialistResult, result_file)
     m = result.metrics
     out: dict[str, Any] = {
         "status": result.status,

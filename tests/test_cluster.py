@@ -41,11 +41,6 @@ def labels(name: str, key: str) -> dict[str, str]:
         return {row["id"]: row[key] for row in map(json.loads, f)}
 
 
-def read_assignments(ws: Workspace) -> dict[str, str | None]:
-    rows = (json.loads(x) for x in (ws.root / "assignments.jsonl").read_text().splitlines())
-    return {r["id"]: r["task"] for r in rows}
-
-
 def run(ws: Workspace, files: list[Path], config: ClusterConfig | None = None) -> dict:
     with open_store(ws.store_url) as st:
         if files:
@@ -78,36 +73,33 @@ def tau(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
 )
 def test_sample_matches_labels(sample, name, key, bar, request: pytest.FixtureRequest) -> None:
     ws, summary = request.getfixturevalue(sample)
-    assigned = read_assignments(ws)
+    assigned = ws.assignments()
     truth = labels(name, key)
     score = v_measure_score([truth[c] for c in assigned], [t or "-" for t in assigned.values()])
     assert score >= bar, f"V-measure {score:.3f} on the {name} sample"
     assert summary["unassigned_share"] <= 0.10
-    tasks = json.loads((ws.root / "cluster" / "tasks.json").read_text())
-    assert tasks["schema_version"] == 1
+    tasks = ws.tasks()  # its schema_version checked
     # Every call is counted once: in a task or unassigned.
-    assert sum(t["calls"] for t in tasks["tasks"]) + summary["unassigned"] == summary["calls"]
+    assert sum(t.calls for t in tasks) + summary["unassigned"] == summary["calls"]
     assert len(assigned) == summary["calls"]
-    assert all(set(t["representatives"]) <= set(assigned) for t in tasks["tasks"])
-    assert (ws.root / "cluster" / "report.html").read_text().count("<tr>") == len(
-        tasks["tasks"]
-    ) + 1
+    assert all(set(t.representatives) <= set(assigned) for t in tasks)
+    assert (ws.cluster_dir() / "report.html").read_text().count("<tr>") == len(tasks) + 1
 
 
 def test_rerun_same_ids_and_nothing_reembedded(tau: tuple[Workspace, dict]) -> None:
     ws, first = tau
-    before = read_assignments(ws)
+    before = ws.assignments()
     again = run(ws, [], ClusterConfig(min_cluster_calls=3))
     assert again["embedded"] == 0 and again["embeddings_cached"] > 0
-    assert read_assignments(ws) == before
+    assert ws.assignments() == before
 
 
 def test_ids_follow_tasks_when_calls_arrive(tmp_path: Path) -> None:
     ws, config = Workspace.resolve(tmp_path / "ws"), ClusterConfig(min_cluster_calls=3)
     run(ws, [write_sample("tau-airline", 32, tmp_path / "a.jsonl")], config)
-    old = {c: t for c, t in read_assignments(ws).items() if t is not None}
+    old = {c: t for c, t in ws.assignments().items() if t is not None}
     run(ws, [write_sample("tau-airline", 32, tmp_path / "b.jsonl", skip=16)], config)
-    new = read_assignments(ws)
+    new = ws.assignments()
     assert len(new) > len(old)
     old_ids = set(old.values())
     carried = set(new.values()) & old_ids
@@ -127,7 +119,7 @@ def test_router_roundtrip(tau: tuple[Workspace, dict]) -> None:
     ws, summary = tau
     assert summary["router_holdout"]["accuracy"] is not None
     router = load_router(summary["router"])
-    assigned = read_assignments(ws)
+    assigned = ws.assignments()
     with open_store(ws.store_url) as st:
         calls = [s.record for s in st.iter_calls()][:12]
     routed = [router.route(c.request) for c in calls]
@@ -175,7 +167,8 @@ def test_bad_input_gets_a_clear_message_and_writes_nothing(tmp_path: Path) -> No
     result = runner.invoke(app, ["cluster", "-w", str(ws), "--set", "n_clusters=8"])
     assert result.exit_code == 1 and "5 call(s) to cluster" in result.output
     assert "8 clusters were asked for" in result.output
-    assert not (ws / "cluster").exists() and not (ws / "assignments.jsonl").exists()
+    nothing = Workspace.at(ws)
+    assert not nothing.cluster_dir().exists() and not nothing.assignments_file().exists()
 
 
 def test_recipe_typo_names_the_key() -> None:
@@ -197,7 +190,7 @@ def test_cli_json_names_the_artifacts(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     for key in ("assignments", "tasks_path", "report", "router", "calls", "unassigned"):
         assert key in summary
-    assert Path(summary["assignments"]) == ws / "assignments.jsonl"
+    assert Path(summary["assignments"]) == Workspace.at(ws).assignments_file()
     assert len(Path(summary["assignments"]).read_text().splitlines()) == summary["calls"]
 
 
@@ -209,8 +202,8 @@ def test_other_clusterers(algorithm: str, tau: tuple[Workspace, dict], tmp_path:
     summary = run(copy, [], ClusterConfig(algorithm=algorithm, min_cluster_calls=3))
     assert summary["embedded"] == 0 and summary["tasks"] >= 2
     assert summary["unassigned_share"] <= 0.25
-    tasks = json.loads(Path(summary["tasks_path"]).read_text())["tasks"]
-    assert sum(t["calls"] for t in tasks) + summary["unassigned"] == summary["calls"]
+    assert Path(summary["tasks_path"]) == copy.tasks_file()
+    assert sum(t.calls for t in copy.tasks()) + summary["unassigned"] == summary["calls"]
 
 
 def test_fast_embedding_keeps_the_vectors(tau: tuple[Workspace, dict]) -> None:

@@ -18,6 +18,7 @@ from conftest import run_cli as _cli
 from typer.testing import CliRunner
 
 from slmify.cli import app
+from slmify.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +155,8 @@ def test_a_piped_log_shows_plain_progress_lines(
     ws = tmp_path / "ws"
     shutil.copytree(evaluated, ws, ignore=shutil.ignore_patterns("specialists", "eval"))
     monkeypatch.setenv("SLMIFY_PROGRESS_SECONDS", "0")
-    tasks = json.loads((ws / "cluster" / "tasks.json").read_text())["tasks"]
-    task = next(t["id"] for t in tasks if t["output_shape"] == "text")  # a LoRA: it has steps
+    tasks = Workspace.at(ws).tasks()
+    task = next(t.id for t in tasks if t.output_shape == "text")  # a LoRA: it has steps
     overrides = [
         f"model.base={tiny_base}",
         *TINY_TRAIN,
@@ -189,12 +190,12 @@ def test_a_stage_file_from_another_version_is_named(tmp_path: Path) -> None:
     from slmify.schema import TaskCluster
 
     ws = tmp_path / "ws"
-    (ws / "cluster").mkdir(parents=True)
     (ws / "eval" / "endtoend").mkdir(parents=True)
-    task = TaskCluster(id="t01-x", label="x", output_shape="text", calls=1, share=1.0)
-    doc = {"schema_version": 1, "tasks": [task.model_dump(mode="json")]}
-    (ws / "cluster" / "tasks.json").write_text(json.dumps(doc))
-    (ws / "assignments.jsonl").write_text('{"id": "c1", "task": "t01-x"}\n')
+    clustered = Workspace.at(ws)
+    clustered.write_tasks(
+        [TaskCluster(id="t01-x", label="x", output_shape="text", calls=1, share=1.0)]
+    )
+    clustered.write_assignments({"c1": "t01-x"})
     summary = ws / "eval" / "endtoend" / "summary.json"
     summary.write_text('{"split": "test"}')
     result = CliRunner().invoke(app, ["report", "-w", str(ws)])

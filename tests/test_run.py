@@ -107,18 +107,16 @@ class Fakes:
                     llm_cost_usd=0.01 * n,
                 )
             )
-        (ws.root / "cluster" / "router").mkdir(parents=True, exist_ok=True)
+        ws.router_dir().mkdir(parents=True, exist_ok=True)
         meta = {
             "embedding_model": "all-MiniLM-L6-v2",
             "max_seq_length": 128,
             "classes": [t.id for t in tasks],
             "min_confidence": 0.5,
         }
-        (ws.root / "cluster" / "router" / "router.json").write_text(json.dumps(meta))
-        doc = {"schema_version": 1, "tasks": [t.model_dump(mode="json") for t in tasks]}
-        (ws.root / "cluster" / "tasks.json").write_text(json.dumps(doc))
-        with (ws.root / "assignments.jsonl").open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        (ws.router_dir() / "router.json").write_text(json.dumps(meta))
+        ws.write_tasks(tasks)
+        ws.write_assignments({r["id"]: r["task"] for r in rows})
         return {"calls": len(rows), "tasks": len(tasks), "unassigned": 0, "silhouette": None}
 
     def route_calls(self, router, store, call_ids):
@@ -132,16 +130,16 @@ class Fakes:
     def train_all(self, ws, recipe, task_id=None, progress=True):
         """A specialist folder as `slmify train` writes it; the adapter's bytes are a hash
         of the task's calls and the recipe, so they change exactly when those do."""
+        from slmify.datasets import assign_splits
         from slmify.recipes import save_resolved
         from slmify.schema import content_hash
-        from slmify.train import TrainError, gather_calls, load_tasks
+        from slmify.train import TrainError, gather_calls
 
         if self.fail_train:
             raise TrainError("specialists/t01-classify: out of memory (fake)")
         self.trained.append(task_id)
-        _, assignment = load_tasks(ws)
-        calls = gather_calls(ws, assignment)[0][task_id]
-        folder = ws.root / "specialists" / task_id
+        calls = gather_calls(ws, ws.assigned())[0][task_id]
+        folder = ws.specialist_dir(task_id)
         adapter = folder / "adapter"
         adapter.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -150,22 +148,22 @@ class Fakes:
         ids = sorted(c.id for c in calls)
         weights = content_hash([ids, recipe.model_dump(mode="json")])
         (adapter / "adapter_model.safetensors").write_text(weights)
-        save_resolved(recipe, folder / "recipe.yaml")
+        save_resolved(recipe, ws.recipe_file(task_id))
         (folder / "pruning.json").write_text(PromptPruning().model_dump_json())
-        (folder / "splits.json").write_text(json.dumps({"test": ids[:25]}))
+        ws.write_splits(task_id, assign_splits(calls, recipe.dataset, None))
         result = SpecialistResult(
             id=task_id, status="trained", adapter=str(adapter), base_model=str(self.tiny_base)
         )
-        (folder / "result.json").write_text(result.model_dump_json())
+        ws.write_result(result)
         return {"tasks": [result.model_dump(mode="json")]}
 
     def evaluate_workspace(
         self, ws_root, store, task_ids=None, limit=None, judge=None, progress=True, announce=print
     ):
-        from slmify.evaluate import load_tasks, trained_task
+        from slmify.evaluate import trained_task
 
         if task_ids is None:  # the whole deployment, as the real eval replays it
-            tasks = load_tasks(ws_root)
+            tasks = Workspace.at(ws_root).tasks()
             task_ids = [t.id for t in tasks if not isinstance(trained_task(ws_root, t), str)]
         out = []
         for task_id in task_ids:
@@ -185,9 +183,7 @@ def write_report(ws_root: Path, task_id: str, status: str, created: datetime) ->
         confidence=0.95,
         method="wilson",
     )
-    from slmify.evaluate import load_tasks
-
-    shape = next(t.output_shape for t in load_tasks(ws_root) if t.id == task_id)
+    shape = next(t.output_shape for t in Workspace.at(ws_root).tasks() if t.id == task_id)
     report = EvalReport(
         task_id=task_id,
         output_shape=shape,
@@ -327,12 +323,11 @@ def test_new_calls_of_one_task_retrain_only_that_task(fakes: Fakes, tmp_path: Pa
     assert sorted(fakes.evaluated) == sorted(t for t, _ in STEPS.values())
     assert stages["eval"] == "new or retrained specialist(s): t01-classify"
     assert summary["drift"] == []
-    tasks = json.loads((workspace().root / "cluster" / "tasks.json").read_text())["tasks"]
-    sizes = {t["id"]: t["calls"] for t in tasks}
+    tasks = workspace().tasks()
+    sizes = {t.id: t.calls for t in tasks}
     assert sizes["t01-classify"] == sizes["t02-extract"] + 30
-    assert sum(t["share"] for t in tasks) == pytest.approx(1.0, abs=1e-3)
-    assignments = (workspace().root / "assignments.jsonl").read_text().splitlines()
-    assert len(assignments) == sum(sizes.values())
+    assert sum(t.share for t in tasks) == pytest.approx(1.0, abs=1e-3)
+    assert len(workspace().assignments()) == sum(sizes.values())
 
 
 def test_new_task_type_reclusters_and_is_reported(fakes: Fakes, tmp_path: Path) -> None:
@@ -562,15 +557,12 @@ def test_real_router_places_new_calls_of_one_step_in_its_task(
 
     assert ran(summary)["cluster"] == "20 new call(s) placed in the existing tasks, no drift"
     ws = workspace()
-    assigned = {
-        json.loads(r)["id"]: json.loads(r)["task"]
-        for r in (ws.root / "assignments.jsonl").read_text().splitlines()
-    }
+    assigned = ws.assignments()
     new_ids = [f"new-1-{i}" for i in range(20)]
     [task] = {assigned[i] for i in new_ids}
     assert task is not None
     assert fake_training.trained == [task]
-    router = load_router(ws.root / "cluster" / "router")
+    router = load_router(ws.router_dir())
     with open_store(ws.store_url) as store:
         batched = route_calls(router, store, new_ids)
         one_by_one = [router.route(store.get_call(i).record.request) for i in new_ids]

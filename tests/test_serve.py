@@ -501,7 +501,7 @@ def test_models_and_health(deployment, store):
 def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_path):
     """`slmify cluster` on 60 FireAct + 60 tau-airline calls; its largest FireAct task is
     promoted, and the service is loaded from the manifest the way `slmify serve` loads it."""
-    from slmify.cluster import ClusterConfig, cluster_store, read_assignments
+    from slmify.cluster import ClusterConfig, cluster_store
     from slmify.manifest import write_manifest
     from slmify.serve import load_service
     from slmify.workspace import Workspace
@@ -511,8 +511,8 @@ def test_a_router_fitted_by_the_cluster_stage_routes_real_calls(tiny_base, tmp_p
     with ws.open_store() as st:
         st.add_calls([_record(c) for calls in raw.values() for c in calls])
         cluster_store(st, ws, ClusterConfig(sample_size=100))
-    tasks = json.loads((ws.root / "cluster" / "tasks.json").read_text())["tasks"]
-    assigned = read_assignments(ws.root / "assignments.jsonl")
+    tasks = [t.model_dump(mode="json") for t in ws.tasks()]
+    assigned = ws.assigned()
     fireact_ids = {c["id"] for c in raw["fireact"]}
     promoted = max(
         (t for t in tasks if t["output_shape"] == "text"),

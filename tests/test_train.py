@@ -22,9 +22,9 @@ from slmify.datasets import (
     split_of,
 )
 from slmify.recipes import DatasetConfig
-from slmify.schema import CallRecord, ContextPolicy, PromptPruning, message_text
+from slmify.schema import CallRecord, ContextPolicy, PromptPruning, TaskCluster, message_text
 from slmify.store import open_store
-from slmify.workspace import Workspace
+from slmify.workspace import Workspace, read_splits_file
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -151,7 +151,7 @@ def test_splits_by_session_pruning_recorded(
     # Written for eval and serving: the HF dataset and JSONL; the test split is frozen.
     assert (tmp_path / "dataset" / "hf" / "dataset_dict.json").exists()
     assert len((tmp_path / "dataset" / "test.jsonl").read_text().splitlines()) == len(rows["test"])
-    recorded = json.loads((tmp_path / "splits.json").read_text())
+    recorded = read_splits_file(tmp_path).model_dump()
     rows2 = build_task_dataset(
         tau_calls,
         tokenizer,
@@ -266,23 +266,16 @@ def _workspace(tau_calls: list[CallRecord], root: Path) -> Workspace:
     with ws.open_store() as st:
         st.add_calls(tau_calls)
     small = {c.id for c in tau_calls[:10]}
-    tasks = [
-        {
-            "id": "t01-airline",
-            "label": "airline",
-            "output_shape": "tool_call",
-            "calls": len(tau_calls) - 10,
-            "share": 0.9,
-        },
-        {"id": "t02-small", "label": "small", "output_shape": "text", "calls": 10, "share": 0.1},
-    ]
-    ws.path("cluster", "tasks.json").write_text(json.dumps({"schema_version": 1, "tasks": tasks}))
-    with ws.path("assignments.jsonl").open("w") as f:
-        for c in tau_calls:
-            f.write(
-                json.dumps({"id": c.id, "task": "t02-small" if c.id in small else "t01-airline"})
-                + "\n"
-            )
+    n = len(tau_calls)
+    ws.write_tasks(
+        [
+            TaskCluster(
+                id="t01-airline", label="airline", output_shape="tool_call", calls=n - 10, share=0.9
+            ),
+            TaskCluster(id="t02-small", label="small", output_shape="text", calls=10, share=0.1),
+        ]
+    )
+    ws.write_assignments({c.id: "t02-small" if c.id in small else "t01-airline" for c in tau_calls})
     return ws
 
 
@@ -338,9 +331,10 @@ def test_train_cli_changes_adapter_not_base(
     assert by_id["t02-small"]["reason"] == "10 calls, fewer than dataset.min_calls=30"
     trained = by_id["t01-airline"]
     assert trained["status"] == "trained" and summary["trained"] == 1
-    out = ws.root / "specialists" / "t01-airline"
+    out = ws.specialist_dir("t01-airline")
     assert Path(trained["adapter"]) == out / "adapter"
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / "recipe.yaml").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert ws.recipe_file("t01-airline").exists()
     assert not (out / "checkpoints").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["train_tokens"] > 0
@@ -433,7 +427,7 @@ def test_interrupted_training_resumes(
 
     monkeypatch.setattr(SFTTrainer, "training_step", crash_at_step_3)
     CliRunner().invoke(app, args)
-    out = ws.root / "specialists" / "t01-airline"
+    out = ws.specialist_dir("t01-airline")
     assert (out / "checkpoints" / "checkpoint-2").exists()
     monkeypatch.setattr(SFTTrainer, "training_step", real_step)
     result = CliRunner().invoke(app, args)

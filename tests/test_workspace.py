@@ -1,0 +1,205 @@
+"""The files stages pass each other: one strict reader and one atomic writer each (slmify
+.workspace), their bytes those the stages wrote before, and their names spelled only there."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from slmify.cli import app
+from slmify.errors import SlmifyError
+from slmify.schema import SpecialistResult, Splits, TaskCluster
+from slmify.workspace import Workspace, WorkspaceError, read_splits_file
+
+TASKS = [
+    TaskCluster(id="t01-book", label="book", output_shape="tool_call", calls=3, share=0.75),
+    TaskCluster(id="t02-ask", label="ask", output_shape="text", calls=1, share=0.25),
+]
+SPLITS = Splits(
+    key="session (call id when absent), sha256",
+    validation_fraction=0.1,
+    test_fraction=0.2,
+    calibration_fraction=0.3,
+    train=["c1"],
+    validation=[],
+    calibration=["c2"],
+    test=["c3", "é4"],
+)
+
+
+def test_round_trips_and_the_bytes_the_stages_wrote_before(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path)
+    ws.write_tasks(TASKS)
+    ws.write_assignments({"c1": "t01-book", "c2": None, "é4": "t02-ask"})
+    ws.write_splits("t01-book", SPLITS)
+    assert ws.tasks() == TASKS
+    assert ws.assignments() == {"c1": "t01-book", "c2": None, "é4": "t02-ask"}
+    assert ws.assigned() == {"c1": "t01-book", "é4": "t02-ask"}
+    assert ws.splits("t01-book") == SPLITS
+    # What cluster, drift and datasets wrote by hand before there was one writer.
+    doc = {"schema_version": 1, "tasks": [t.model_dump(mode="json") for t in TASKS]}
+    assert ws.tasks_file().read_text() == json.dumps(doc, indent=1)
+    assert ws.assignments_file().read_text(encoding="utf-8") == (
+        '{"id": "c1", "task": "t01-book"}\n{"id": "c2", "task": null}\n'
+        '{"id": "é4", "task": "t02-ask"}\n'
+    )
+    split_record = {
+        "schema_version": 1,
+        "key": "session (call id when absent), sha256",
+        "validation_fraction": 0.1,
+        "test_fraction": 0.2,
+        "calibration_fraction": 0.3,
+        **{s: getattr(SPLITS, s) for s in ("train", "validation", "calibration", "test")},
+    }
+    path = ws.specialist_dir("t01-book") / "splits.json"
+    assert path.read_text() == json.dumps(split_record, indent=1)
+    # Only the files: no temporary file left beside them.
+    assert sorted(p.name for p in ws.cluster_dir().iterdir()) == ["tasks.json"]
+
+
+def test_a_result_names_the_adapter_in_its_folder_wherever_the_workspace_moved(
+    tmp_path: Path,
+) -> None:
+    ws = Workspace.at(tmp_path / "a")
+    trained = SpecialistResult(id="t01-book", status="trained", adapter="/elsewhere/adapter")
+    ws.write_result(trained)
+    assert ws.result_file("t01-book").read_text() == trained.model_dump_json(indent=2)
+    assert ws.result("t01-book").adapter == str(ws.specialist_dir("t01-book") / "adapter")
+    assert ws.trained("t01-book").id == "t01-book"
+    ws.write_result(SpecialistResult(id="t02-ask", status="skipped", reason="3 calls"))
+    assert ws.trained("t02-ask") == "no specialist: training skipped (3 calls)"
+    assert ws.trained("t03-none") == "no specialist trained (run `slmify train`)"
+    assert ws.result("t03-none") is None
+
+
+def test_readers_refuse_what_their_writer_does_not_write(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path)
+    with pytest.raises(WorkspaceError) as e:
+        ws.tasks()
+    assert str(e.value) == f"{ws.tasks_file()} not found: run `slmify cluster` first"
+    # The forgeries the tests used to write: no version, and a split file of "test" only.
+    ws.cluster_dir().mkdir()
+    ws.tasks_file().write_text(json.dumps({"tasks": [t.model_dump(mode="json") for t in TASKS]}))
+    with pytest.raises(WorkspaceError) as e:
+        ws.tasks()
+    assert str(e.value) == (
+        f"{ws.tasks_file()}: no schema_version, not a TaskList file as slmify writes it"
+    )
+    ws.tasks_file().write_text(json.dumps({"schema_version": 2, "tasks": []}))
+    with pytest.raises(WorkspaceError) as e:
+        ws.tasks()
+    assert str(e.value) == (
+        f"{ws.tasks_file()}: schema_version 2, this slmify reads 1: "
+        "run the stage that writes it again"
+    )
+    folder = ws.specialist_dir("t01-book")
+    folder.mkdir(parents=True)
+    (folder / "splits.json").write_text(json.dumps({"schema_version": 1, "test": ["c3"]}))
+    with pytest.raises(WorkspaceError) as e:
+        ws.splits("t01-book")
+    assert str(e.value) == (
+        f"{folder / 'splits.json'}: not a Splits (key: Field required, 7 errors)"
+    )
+    ws.assignments_file().write_text('{"id": "c1", "task": "t01-book"}\n{"id": "c2"}\n')
+    with pytest.raises(WorkspaceError) as e:
+        ws.assignments()
+    assert str(e.value) == (
+        f"{ws.assignments_file()}:2: not an assignment line (task: Field required)"
+    )
+    assert issubclass(WorkspaceError, SlmifyError) and WorkspaceError("x").exit_code == 1
+
+
+def test_a_forged_file_is_one_error_line_from_the_cli(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path / "ws")
+    ws.write_tasks(TASKS)
+    ws.write_assignments({"c1": "t01-book"})
+    ws.tasks_file().write_text(json.dumps({"tasks": []}))
+    result = CliRunner().invoke(app, ["train", "-w", str(ws.root)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: {ws.tasks_file()}: no schema_version, not a TaskList file as slmify writes it"
+    )
+
+
+def test_a_failed_write_leaves_the_old_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = Workspace.at(tmp_path)
+    ws.write_splits("t01-book", SPLITS)
+    before = (ws.specialist_dir("t01-book") / "splits.json").read_bytes()
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("slmify.workspace.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ws.write_splits("t01-book", SPLITS.model_copy(update={"test": []}))
+    assert (ws.specialist_dir("t01-book") / "splits.json").read_bytes() == before
+    assert [p.name for p in ws.specialist_dir("t01-book").iterdir()] == ["splits.json"]
+    assert read_splits_file(ws.specialist_dir("t01-book")) == SPLITS
+
+
+# -- the names, spelled once ----------------------------------------------------------------
+
+FILES = ("tasks.json", "assignments.jsonl", "result.json", "splits.json", "recipe.yaml")
+FOLDERS = ("specialists", "cluster")
+SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
+
+
+def spelled_paths(source: str) -> list[str]:
+    """Where a module spells an artifact's name: a file name in any string but a docstring,
+    or a folder name joined onto the workspace (`ws.root / "cluster"`, `ws.path("cluster")`)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in docstrings and any(f in node.value for f in FILES):
+                found.append((node.lineno, node.col_offset, node.value))
+        joined = []
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            # Onto the workspace only: `RECIPES_DIR / "cluster"` is the cluster recipes.
+            if any(w in ast.unparse(node.left) for w in ("root", "ws")):
+                joined = [node.right]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("path", "joinpath"):
+                joined = node.args
+        for arg in joined:
+            if isinstance(arg, ast.Constant) and arg.value in FOLDERS:
+                found.append((arg.lineno, arg.col_offset, arg.value))
+    return [f"line {line}: {value!r}" for line, _, value in sorted(found)]
+
+
+def test_the_check_sees_each_spelling() -> None:
+    src = (
+        'a = ws.root / "cluster" / "tasks.json"\nb = ws_root / "specialists"\n'
+        'c = self.ws.path("cluster", "x")\nd = RECIPES_DIR / "cluster"\ne = f"{x}/splits.json"\n'
+    )
+    assert spelled_paths(src) == [
+        "line 1: 'cluster'",
+        "line 1: 'tasks.json'",
+        "line 2: 'specialists'",
+        "line 3: 'cluster'",
+        "line 5: '/splits.json'",
+    ]
+
+
+def test_only_the_workspace_spells_the_artifacts_paths() -> None:
+    found = {
+        path.name: where
+        for path in sorted(SLMIFY.glob("*.py"))
+        if path.name != "workspace.py"
+        and (where := spelled_paths(path.read_text(encoding="utf-8")))
+    }
+    assert found == {}, "name these through slmify.workspace: " + json.dumps(found, indent=1)
