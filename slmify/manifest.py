@@ -8,11 +8,11 @@ beside it:
 - exports/vllm-serve.sh: per base model, the command that starts vLLM's OpenAI server
   (`python -m vllm.entrypoints.openai.api_server --model BASE --enable-lora --lora-modules
   task=adapter ...`) with every promoted LoRA adapter, on loopback. It is the generation
-  backend that `slmify serve --backend URL` is to send the exact prompts eval built to
-  (issue 14; until then serve generates in-process), never an endpoint for clients: asked
-  directly, an adapter answers the client's own messages, unpruned, with no router, scope
-  check, validation or fallback in front of it, which is not the deployment that was
-  evaluated. Head tasks (label or field heads) have no adapter and are not in it;
+  backend that `slmify serve --backend URL` sends the exact prompts eval built to
+  (slmify.backends), never an endpoint for clients: asked directly, an adapter answers the
+  client's own messages, unpruned, with no router, scope check, validation or fallback in
+  front of it, which is not the deployment that was evaluated. Head tasks (label or field
+  heads) have no adapter and are not in it;
 - exports/litellm-config.yaml: LiteLLM (or any gateway) in FRONT of `slmify serve`: one
   model, the fallback LLM's name, whose api_base is serve's URL, so every call goes through
   the router, the specialists and the fallback exactly as evaluated. It routes no call to a
