@@ -21,16 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-# slmify.serve imports AGENT_HEADER, SESSION_HEADER, Exchange, _serve and exchange_to_record
-# from here: they live in the shared modules slmify.forwarding and slmify.recording now.
-from slmify.forwarding import AGENT_HEADER as AGENT_HEADER
 from slmify.forwarding import MAX_REQUEST_BYTES, Upstream, serve_app
-from slmify.forwarding import SESSION_HEADER as SESSION_HEADER
-from slmify.forwarding import Exchange as Exchange
-from slmify.forwarding import serve_app as _serve  # noqa: F401
 from slmify.httpguard import PASSTHROUGH_POSTS, Guard, configure
 from slmify.recording import CallWriter
-from slmify.recording import exchange_to_record as exchange_to_record
 from slmify.store import Store, redact_url
 
 

@@ -63,21 +63,20 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from slmify.backends import BACKEND_THREADS, BackendError, CompletionsBackend
-from slmify.collect import parse_request
+from slmify.callparse import parse_request
 from slmify.decision import Decision, answer_decision, route_decision, task_decision
 from slmify.errors import SlmifyError
-from slmify.httpguard import PASSTHROUGH_POSTS, Guard, configure, credentials
-from slmify.metrics import score_answer
-from slmify.proxy import (
+from slmify.forwarding import (
     AGENT_HEADER,
     MAX_REQUEST_BYTES,
     SESSION_HEADER,
-    CallWriter,
     Exchange,
     Upstream,
-    _serve,
-    exchange_to_record,
+    serve_app,
 )
+from slmify.httpguard import PASSTHROUGH_POSTS, Guard, configure, credentials
+from slmify.metrics import score_answer
+from slmify.recording import CallWriter, exchange_to_record
 from slmify.router import RouteBatcher
 from slmify.runtime import TextEncoder
 from slmify.schema import ChatRequest, Manifest, ServedRoute, SpecialistAttempt
@@ -472,7 +471,7 @@ def run_server(
             announce(line)
 
     try:
-        listen = asyncio.run(_serve(make_app(service, guard), host, port, listening))
+        listen = asyncio.run(serve_app(make_app(service, guard), host, port, listening))
     finally:
         service.writer.close()
     return {
