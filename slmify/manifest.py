@@ -144,13 +144,33 @@ def vllm_max_lora_rank(ranks: list[int]) -> int:
     raise ManifestError(f"LoRA rank {need} exceeds vLLM's largest --max-lora-rank 512")
 
 
+def vllm_dtype(device: str) -> str:
+    """vLLM's `--dtype` on `device`: on a GPU the dtype eval generates in there
+    (`slmify.models.inference_dtype`), on a CPU float32."""
+    from slmify.models import inference_dtype
+
+    if device == "cuda":
+        return str(inference_dtype("cuda")).removeprefix("torch.")
+    # On a CPU without avx512_bf16/AMX eval generated in float32 (bf16 is emulated there,
+    # about 40x slower). With them eval generates in bfloat16, but vLLM's CPU bf16 kernels
+    # round differently from torch's and greedy picks flip at near-ties: 27 of 44 answers
+    # were the in-process text in bf16, 10 of 10 with both in float32 (README, serving).
+    # Float32 costs vLLM speed, and matches eval exactly only where eval ran in float32.
+    return "float32"
+
+
 def vllm_commands(manifest: Manifest) -> list[tuple[list[str], str]]:
     """Per base model: the argv starting vLLM's OpenAI server with its promoted adapters
-    (each served under its task id), and that server's base URL."""
+    (each served under its task id) in `vllm_dtype` for this machine, and that server's
+    base URL."""
+    import torch
+
+    dtype = vllm_dtype("cuda" if torch.cuda.is_available() else "cpu")
     out = []
     for i, (base, tasks) in enumerate(_promoted_by_base(manifest).items()):
         port = VLLM_PORT + i
         argv = [*VLLM_ENTRY, "--model", base, "--host", VLLM_HOST, "--port", str(port)]
+        argv += ["--dtype", dtype]
         argv += ["--enable-lora", "--lora-modules"]
         argv += [_lora_module(t.id, t.specialist.adapter_path) for t in tasks]
         argv += [
@@ -200,6 +220,8 @@ def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
         "# as the generation backend of `slmify serve --backend` (the exact prompts eval built;",
         "# issue 14). Not for clients: asked directly, an adapter sees the client's own messages,",
         "# unpruned, with no router, validation or fallback: not what was evaluated.",
+        "# --dtype is for the machine that wrote this: float32 on a CPU (vLLM's bf16 kernels",
+        "# round differently from torch's), eval's dtype on a GPU (slmify.manifest.vllm_dtype).",
         "# VLLM_PYTHON: the python of the virtualenv holding vLLM (default: python).",
     ]
     if not commands:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from jsonschema import Draft202012Validator
 
@@ -25,6 +26,7 @@ from slmify.manifest import (
     manifest_json_schema,
     read_manifest,
     vllm_commands,
+    vllm_dtype,
     vllm_max_lora_rank,
     write_exports,
     write_manifest,
@@ -195,6 +197,9 @@ def _vllm_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-modules", nargs="+", action=LoRAParserAction)
     parser.add_argument("--max-lora-rank", type=int, choices=VLLM_LORA_RANKS)
     parser.add_argument("--max-loras", type=int)
+    parser.add_argument(
+        "--dtype", choices=["auto", "half", "float16", "bfloat16", "float", "float32"]
+    )
     return parser
 
 
@@ -235,7 +240,18 @@ def test_vllm_command_parses_with_vllms_argument_format(tmp_path: Path, manifest
     ]
     assert args.max_lora_rank == 64  # ranks 16 and 40: the next rank vLLM accepts
     assert args.max_loras == 2
+    assert args.dtype == vllm_dtype("cuda" if torch.cuda.is_available() else "cpu")
     assert vllm_commands(manifest)[0][1] == "http://127.0.0.1:8000/v1"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_vllm_dtype_is_float32_on_any_cpu_and_evals_dtype_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr("slmify.models.native_bf16", lambda device: native)
+    # A CPU with avx512_bf16 too: vLLM's bf16 kernels round differently from torch's.
+    assert vllm_dtype("cpu") == "float32"
+    assert vllm_dtype("cuda") == ("bfloat16" if native else "float32")
 
 
 def test_max_lora_rank_rounds_up_to_what_vllm_accepts() -> None:
