@@ -19,7 +19,8 @@ lower bound of routing precision over the calibration calls routed to that task 
 are then routed with it. Right means: routed to task T and the clustering assigned T; the
 ground-truth column counts a route right when the call's label is T's majority label.
 Figures pool all folds' test calls. The same is printed for candidate extra features
-(issue 17), each added alone to the router's, then all of them together.
+(issue 17), each added alone to the router's, then all of them together
+(bench/bench_actions.py adds what the field heads read).
 
     nice -n 10 .venv/bin/python bench/bench_routing.py [--dataset tau-airline]
         [--workspace /tmp/tau] [--target 0.95] [--folds 5]
@@ -181,6 +182,14 @@ def _json_keys(text: str) -> str:
     return " ".join(keys) or "SCALAR"
 
 
+def _last_assistant_text(messages: list[dict]) -> str:
+    """The words of the agent's latest message that had any (what the user answers to)."""
+    for m in reversed(messages):
+        if m.get("role") == "assistant" and (text := message_text(m.get("content")).strip()):
+            return text[-2000:]
+    return "NONE"
+
+
 def candidate_docs(calls: Calls) -> dict[str, list[str]]:
     """Per candidate feature, one whitespace-separated token string per call."""
     docs: dict[str, list[str]] = {k: [] for k in CANDIDATES}
@@ -193,6 +202,7 @@ def candidate_docs(calls: Calls) -> dict[str, list[str]]:
         docs["actions so far"].append(" ".join(f"A_{a}" for a in actions) or "A_none")
         docs["last-turn n-grams"].append(view.turn_text)
         docs["tool-result JSON keys"].append(_json_keys(result) if tool != "none" else "NONE")
+        docs["previous agent words"].append(_last_assistant_text(msgs))
     return docs
 
 
@@ -203,11 +213,13 @@ CANDIDATES = (
     "actions so far",
     "last-turn n-grams",
     "tool-result JSON keys",
+    "previous agent words",
 )
+NGRAM_CANDIDATES = ("last-turn n-grams", "previous agent words")
 
 
 def _vectorizer(name: str):  # noqa: ANN202
-    if name == "last-turn n-grams":  # words and word pairs of the whole (2,000-char) turn
+    if name in NGRAM_CANDIDATES:  # words and word pairs of the whole (2,000-char) text
         return TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=5000)
     return CountVectorizer(binary=True, tokenizer=str.split, lowercase=False, token_pattern=None)
 
@@ -260,8 +272,9 @@ class Routed:
     thresholds: list[dict[str, float]]
 
 
-def cross_route(calls, docs, extra, folds, args, min_conf: float) -> Routed:  # noqa: ANN001
-    """Each fold tested once: fitted on the other folds less the next, calibrated on it."""
+def cross_route(calls, docs, extra, folds, args, min_conf: float, more=None) -> Routed:  # noqa: ANN001
+    """Each fold tested once: fitted on the other folds less the next, calibrated on it.
+    `more(train)`: further features of every call, fitted on the train rows only."""
     n, k = len(calls.ids), args.folds
     y = calls.task_of
     top, top_conf = np.empty(n, dtype=object), np.zeros(n)
@@ -273,6 +286,8 @@ def cross_route(calls, docs, extra, folds, args, min_conf: float) -> Routed:  # 
         test, cal = np.flatnonzero(folds == f), np.flatnonzero(folds == (f + 1) % k)
         train = np.flatnonzero((folds != f) & (folds != (f + 1) % k))
         X = design(base, docs, extra, train)
+        if more is not None:
+            X = sparse.hstack([sparse.csr_matrix(X), sparse.csr_matrix(more(train))], format="csr")
         classes, coef, intercept = _fit_linear(X[train], y[train], args.seed)
         logits = np.asarray(X @ coef.T) + intercept
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -295,7 +310,7 @@ VARIANTS = (
     ("router today", ()),
     ("- previous action", ("-previous action",)),
     *((f"+ {c}", (c,)) for c in CANDIDATES),
-    ("+ all six", CANDIDATES),
+    (f"+ all {len(CANDIDATES)}", CANDIDATES),
 )
 
 
@@ -406,7 +421,7 @@ def main() -> None:
         for name, extra in VARIANTS:
             r = cross_route(calls, docs, extra, folds, args, min_conf)
             print(summary_row(name, r, y, truth, major, args), flush=True)
-            if name in ("router today", "+ all six"):
+            if name in ("router today", VARIANTS[-1][0]):
                 tables[name] = task_table(r, y, truth, major)
         for name, lines in tables.items():
             print(f"\n  per task, {name} (split by {split}):")
