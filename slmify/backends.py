@@ -135,12 +135,27 @@ class RemoteSpecialist:
         self.max_new_tokens = max_new_tokens
         self.end, self.stop_ids, several = turn_stops(self.tokenizer)
         self.stop_strings = [self.end] if several else []
-        window = AutoConfig.from_pretrained(base_path).max_position_embeddings
+        self.grammar_end = self.end if several else None  # as runtime.Specialist's
+        config = AutoConfig.from_pretrained(base_path)
+        window = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        self._grammars: Any = None
         # The server may hold fewer tokens than the model could (vLLM's --max-model-len).
         served = [
             n for m, n in backend.max_model_len.items() if backend.parent.get(m, m) == base_path
         ]
         self.context_window = min([window, *served])
+
+    @property
+    def grammars(self) -> Any:
+        """Grammars compiled here for this tokenizer: the pool sends only a grammar that
+        compiles (slmify.constrained), so a schema xgrammar cannot express is generated
+        unconstrained on the server too, as eval generated it."""
+        if self._grammars is None:
+            from slmify.constrained import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids)
+        return self._grammars
 
     def answer(
         self,
@@ -148,10 +163,14 @@ class RemoteSpecialist:
         use_adapter: bool,
         max_new_tokens: int | None = None,
         shape: OutputShape = "tool_call",
+        grammar: dict[str, Any] | None = None,
         adapter: str | None = None,
     ) -> Generation:
         """The server's greedy answer to `prompt` with `adapter` (or the base alone), its
-        confidence from the returned log-probabilities (0 when there are none)."""
+        confidence from the returned log-probabilities (0 when there are none); under
+        `grammar`, sent as vLLM's `structured_outputs.structural_tag` (vLLM compiles it
+        with xgrammar too; its log-probabilities are then over the tokens the grammar
+        allows, as in-process)."""
         model = adapter if use_adapter else self.base
         url = self.backend.served_by.get(model)
         if url is None:
@@ -170,6 +189,8 @@ class RemoteSpecialist:
         }
         if self.stop_strings:
             body["stop"] = self.stop_strings
+        if grammar is not None:
+            body["structured_outputs"] = {"structural_tag": json.dumps(grammar)}
         t0 = time.perf_counter()
         answer = _call(url, "/completions", self.backend.timeout_s, body)
         latency_ms = (time.perf_counter() - t0) * 1000

@@ -110,14 +110,22 @@ def draft_tokens(tokens: list[int], memory: Any, k: int = DRAFT_TOKENS) -> list[
 
 
 def greedy_decode(
-    model: Any, prompt_ids: Any, max_new_tokens: int, stop_ids: list[int], memory: Any = None
+    model: Any,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    memory: Any = None,
+    grammar: Any = None,
 ) -> tuple[list[int], list[float]]:
     """The greedy continuation of `prompt_ids` (stopping after a stop id or at the cap) and
-    each generated token's log-probability under the model, stop tokens included.
+    each generated token's log-probability under the model, stop tokens included; with a
+    `grammar` (slmify.constrained.TokenMask), the likeliest token it allows.
 
     Each forward feeds the last chosen token and a guess of the next ones; the model's
     argmax at every position is the token chosen there, so guesses are kept up to the
-    first one it would not have chosen, and the cache is cut back to what was kept."""
+    first one it would not have chosen, and the cache is cut back to what was kept. The
+    positions are read in order, so the grammar has accepted exactly the tokens before
+    each one it masks."""
     import torch
     from transformers import DynamicCache
 
@@ -141,13 +149,18 @@ def greedy_decode(
             .logits[0]
             .float()
         )
-        chosen = logits.argmax(dim=-1).tolist()
+        chosen = logits.argmax(dim=-1).tolist() if grammar is None else None
         kept = 0
-        for position, token in enumerate(chosen):
+        for position in range(len(guess) + 1):
+            # Masked, the probabilities are over what the grammar allows (a forced token is
+            # certain), as vLLM computes them under the same grammar (slmify.backends).
+            row = logits[position] if grammar is None else grammar.allowed(logits[position])
+            token = chosen[position] if chosen else int(row.argmax())
             out_tokens.append(token)
             tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits[position], dim=-1)[token]))
-            done = token in stop_ids or len(out_tokens) >= max_new_tokens
+            logprobs.append(float(torch.log_softmax(row, dim=-1)[token]))
+            refused = grammar is not None and not grammar.accept(token)  # at a dead end
+            done = token in stop_ids or len(out_tokens) >= max_new_tokens or refused
             if done or position == len(guess) or guess[position] != token:
                 break
             kept += 1
@@ -186,11 +199,15 @@ class Specialist:
         if self.merged:
             self.model = self.model.merge_and_unload()
         self._base: Any = None
+        self._grammars: Any = None
         self.adapter = "default"  # PeftModel.from_pretrained's name for the first adapter
         self.memory: dict[str, deque[list[int]]] = {}  # recent answers per adapter
         self.max_new_tokens = max_new_tokens
         self.end, self.stop_ids, several = turn_stops(self.tokenizer)
         self.stop: dict[str, Any] = {"eos_token_id": self.stop_ids}
+        # Several tokens of end of turn: the grammar writes it, so that the stop string, not
+        # an EOS the model was never taught to write, ends a constrained answer.
+        self.grammar_end = self.end if several else None
         if several:
             self.stop |= {"stop_strings": [self.end], "tokenizer": self.tokenizer}
 
@@ -202,6 +219,16 @@ class Specialist:
         dtype = inference_dtype(self.device)
         model = AutoModelForCausalLM.from_pretrained(self.location, dtype=dtype)
         return model.to(self.device).eval()
+
+    @property
+    def grammars(self) -> Any:
+        """This tokenizer's `slmify.constrained.Grammars`, built on first use."""
+        if self._grammars is None:
+            from slmify.constrained import Grammars
+
+            vocab = self.model.config.vocab_size
+            self._grammars = Grammars(self.tokenizer, vocab, self.stop_ids)
+        return self._grammars
 
     @property
     def context_window(self) -> int:
@@ -236,9 +263,11 @@ class Specialist:
         use_adapter: bool,
         max_new_tokens: int | None = None,
         shape: OutputShape = "tool_call",
+        grammar: dict[str, Any] | None = None,
     ) -> Generation:
         """The greedy answer to `prompt` (at most `max_new_tokens`, else the evaluation's
-        cap), with its confidence as an answer of `shape`."""
+        cap), with its confidence as an answer of `shape`; under `grammar` (a structural
+        tag, slmify.constrained; GrammarError when it does not compile) when given."""
         import torch
 
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.device)
@@ -248,13 +277,16 @@ class Specialist:
         memory = self.memory.setdefault(
             self.adapter if use_adapter else "", deque(maxlen=REMEMBERED_ANSWERS)
         )
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # compiling a grammar counts: a first call pays it
+        mask = self.grammars.matcher(grammar) if grammar else None
         with switch, torch.inference_mode():
             if "stop_strings" in self.stop:  # an end of turn of several tokens: HF's matcher
-                new, logprobs = self._generate(model, ids, cap)
+                new, logprobs = self._generate(model, ids, cap, mask)
             else:
                 guesses = memory if self.exact_reorder else None
-                new, logprobs = greedy_decode(model, ids["input_ids"], cap, self.stop_ids, guesses)
+                new, logprobs = greedy_decode(
+                    model, ids["input_ids"], cap, self.stop_ids, guesses, mask
+                )
         latency_ms = (time.perf_counter() - t0) * 1000
         if use_adapter:
             memory.append(ids["input_ids"][0, -DRAFT_NGRAM:].tolist() + new)
@@ -267,15 +299,20 @@ class Specialist:
             confidence=answer_confidence(kept, shape),
         )
 
-    def _generate(self, model: Any, ids: Any, cap: int) -> tuple[list[int], list[float]]:
-        """HF `generate`, greedy: the new tokens and their log-probabilities."""
+    def _generate(
+        self, model: Any, ids: Any, cap: int, mask: Any = None
+    ) -> tuple[list[int], list[float]]:
+        """HF `generate`, greedy (under `mask`'s grammar when given): the new tokens and
+        their log-probabilities, masked as in `greedy_decode`."""
         import torch
 
+        processors = [_MaskProcessor(mask)] if mask is not None else []
         out = model.generate(
             **ids,
             max_new_tokens=cap,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
+            logits_processor=processors,
             output_scores=True,
             return_dict_in_generate=True,
             **self.stop,
@@ -286,6 +323,24 @@ class Specialist:
             for step, token in zip(out.scores, new, strict=False)
         ]
         return new, logprobs
+
+
+class _MaskProcessor:
+    """A `TokenMask` as an HF logits processor (batch of one): it accepts the token chosen
+    at the previous step, then masks this one. xgrammar's own (contrib.hf) asserts on a
+    refused token; here the matcher just stops advancing and validation judges the answer."""
+
+    def __init__(self, mask: Any):
+        self.mask = mask
+        self.steps = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.steps:
+            self.mask.accept(int(input_ids[0, -1]))
+        self.steps += 1
+        if self.mask.finished:
+            return scores
+        return self.mask.allowed(scores[0].float()).to(scores.dtype).unsqueeze(0)
 
 
 class TextEncoder:

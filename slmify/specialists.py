@@ -13,7 +13,9 @@ a base serving several has each attached by name (peft `load_adapter`), and a re
 switches to its task's adapter with `set_adapter`. peft has one active adapter per model,
 so switching and generating happen under one lock. The prompt is built exactly as in training and
 evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
-with `parse_output`. A head task answers without generating: a label head
+with `parse_output`. A LoRA task's tool calls and JSON are generated under a grammar of the
+offered tools' schemas or of JSON (slmify.constrained; the recipe's `generate.constrained`),
+in-process and on a backend alike. A head task answers without generating: a label head
 (slmify.labelhead) with the most likely label of its closed set, a field head
 (slmify.fieldhead) with the most likely tool call or JSON assembled field by field; the
 probability is the confidence.
@@ -33,6 +35,7 @@ Two checks send a request to the LLM instead:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -54,6 +57,8 @@ from slmify.schema import (
     message_text,
     message_tool_calls,
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_any_head(kind: SpecialistKind, folder: Path | None) -> Any:
@@ -285,10 +290,15 @@ class SpecialistPool:
     def __init__(self, tasks: list[TaskRuntime], backend: Any = None):
         """`backend`: a `slmify.backends.CompletionsBackend` that generates for the LoRA
         tasks (each adapter served under its task id); None: in-process generation."""
+        from slmify.constrained import recipe_constrains
         from slmify.runtime import Specialist
 
         self.tasks = {t.id: t for t in tasks}
         self.lock = threading.Lock()
+        # Per LoRA task, whether its recipe constrains generation (`generate.constrained`),
+        # and why a task whose grammar did not compile was generated unconstrained.
+        self.constrained = {t.id: recipe_constrains(t.adapter) for t in tasks if t.kind == "lora"}
+        self.unconstrained: dict[str, str] = {}
         self._models: dict[str, Specialist] = {}
         self._adapter_name: dict[str, str] = {}
         self._heads: dict[str, Any] = {}
@@ -327,12 +337,14 @@ class SpecialistPool:
             raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
         t0 = time.perf_counter()
         name = self._adapter_name[task_id]
+        grammar = self._grammar(task, request, spec)
+        shape = task.output_shape
         if spec.remote:  # a server batches concurrent calls itself: no lock, no selection
-            generated = spec.answer(prompt, use_adapter, cap, task.output_shape, adapter=name)
+            generated = spec.answer(prompt, use_adapter, cap, shape, grammar, adapter=name)
         else:
             with self.lock:
                 spec.select(name)
-                generated = spec.answer(prompt, use_adapter, cap, task.output_shape)
+                generated = spec.answer(prompt, use_adapter, cap, shape, grammar)
         latency_ms = (time.perf_counter() - t0) * 1000  # includes waiting for the lock
         text, stopped = _stop_at(generated.text, request.params.get("stop"))
         tokens = generated.output_tokens
@@ -351,6 +363,23 @@ class SpecialistPool:
             latency_ms=round(latency_ms, 3),
             confidence=generated.confidence,
         )
+
+    def _grammar(self, task: TaskRuntime, request: ChatRequest, spec: Any) -> dict | None:
+        """The grammar this answer is generated under (slmify.constrained), or None: not
+        constrained by the recipe, a label or free text, or a grammar that does not compile
+        (the reason in `unconstrained`, logged once per task and reason)."""
+        from slmify.constrained import compiled_grammar
+
+        if not self.constrained.get(task.id):
+            return None
+        tools, fmt = offered_specs(request), _response_format(request)
+        grammar, failed = compiled_grammar(
+            spec, task.output_shape, tools, _forced_tool(request), fmt
+        )
+        if failed and self.unconstrained.get(task.id) != failed:
+            log.warning("task %s generates unconstrained: %s", task.id, failed)
+            self.unconstrained[task.id] = failed
+        return grammar
 
     def _head_answer(self, task: TaskRuntime, request: ChatRequest) -> Answer:
         """A head's answer: a label head's most likely label, or a field head's most likely

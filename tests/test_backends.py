@@ -79,9 +79,14 @@ class CompletionsServer:
         spec = self.pool._models[self.base]
         add = body.get("add_special_tokens", True)
         ids = spec.tokenizer(body["prompt"], add_special_tokens=add, return_tensors="pt")
+        # Under the structural tag sent, compiled by xgrammar as vLLM compiles it.
+        tag = (body.get("structured_outputs") or {}).get("structural_tag")
+        grammar = spec.grammars.matcher(json.loads(tag)) if tag else None
         with self.pool.lock, torch.inference_mode():
             spec.select(self.pool._adapter_name[body["model"]])
-            return greedy_decode(spec.model, ids["input_ids"], body["max_tokens"], spec.stop_ids)
+            return greedy_decode(
+                spec.model, ids["input_ids"], body["max_tokens"], spec.stop_ids, grammar=grammar
+            )
 
 
 @contextmanager
