@@ -119,7 +119,7 @@ def main() -> None:
     major = {t: max(set(truth[y == t]), key=list(truth[y == t]).count) for t in set(y) - {LLM}}
     docs = routing_docs(calls)
     folds = group_folds(groups, args.folds, args.seed)
-    min_conf = load_router(args.workspace / "cluster" / "router").meta["min_confidence"]
+    min_conf = load_router(Workspace.at(args.workspace).router_dir()).meta.min_confidence
     print(f"tau-airline: {len(y)} calls, split by task group, {args.folds} folds; heads: {heads}")
     print(
         f"{'features':28s} {'top-1':>6s} | {'fixed':>6s} {'prec':>6s} | {'cal.':>5s} "

@@ -85,7 +85,7 @@ def load_calls(ws: Path) -> Calls:
     """The clustered calls with the router's features, computed as `slmify cluster` does."""
     router = load_router(ws / "cluster" / "router")
     with open_store(str(ws / "calls.db")) as store:
-        embedder = Embedder(router.meta["embedding_model"], router.meta["max_seq_length"])
+        embedder = Embedder(router.meta.embedding_model, router.meta.max_seq_length)
         views, _ = strip_boilerplate(load_views(store, embedder.count_tokens))
         n = len(views)
         texts = [v.inputs.task_text for v in views] + [v.inputs.turn_text for v in views]
@@ -391,7 +391,7 @@ def main() -> None:
         t: Counter(truth[y == t].tolist()).most_common(1)[0][0] for t in set(y.tolist()) - {LLM}
     }
     docs = candidate_docs(calls)
-    min_conf = load_router(ws / "cluster" / "router").meta["min_confidence"]
+    min_conf = load_router(ws / "cluster" / "router").meta.min_confidence
     print(
         f"{args.dataset}: {len(y)} calls, {len(major)} tasks, {(y == LLM).sum()} unassigned; "
         f"{len(set(calls.sessions))} sessions, {len(set(task_groups))} task groups; workspace "

@@ -184,7 +184,7 @@ def bench_router(folder: Path, calls: list[dict[str, Any]]) -> Any:
 
     requests = [parse_request(c["request"]) for c in calls]
     router, baseline = load_router(folder), load_router(folder)
-    baseline._embedder = Embedder(router.meta["embedding_model"], router.meta["max_seq_length"])
+    baseline._embedder = Embedder(router.meta.embedding_model, router.meta.max_seq_length)
     print(f"router: {len(requests)} unseen calls, in-process, one at a time")
     decisions = {}
     for name, r in (("served", router), ("float32", baseline)):

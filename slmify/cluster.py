@@ -276,7 +276,7 @@ def cluster_store(
         "tokens": f"estimated with the {config.embedding_model} tokenizer (logs lack usage)"
         if any(v.tokens_estimated for v in views)
         else "from logged usage",
-        "router_holdout": router.meta["holdout"],
+        "router_holdout": router.meta.holdout,
         "embed_seconds": round(t_embed, 2),
         "cluster_seconds": round(t_cluster, 2),  # with describing and the router
         "seconds": round(time.perf_counter() - started, 2),

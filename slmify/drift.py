@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmify.schema import CallRecord, DriftFinding, ServedRoute, content_hash
-from slmify.workspace import Workspace
+from slmify.workspace import Workspace, router_meta_file
 
 
 class DriftConfig(BaseModel):
@@ -185,7 +185,7 @@ def eval_inputs(ws: Workspace, task_id: str, limit: int | None) -> str | None:
 
 def manifest_inputs(ws: Workspace, state: RunState) -> str:
     """Hash of what the manifest reads: tasks, router, results, eval reports, demotions."""
-    files = [ws.tasks_file(), ws.router_dir() / "router.json"]
+    files = [ws.tasks_file(), router_meta_file(ws.router_dir())]
     for folder in sorted(ws.specialists_dir().glob("*/")):
         files.append(ws.result_file(folder.name))
         files.append(ws.root / "eval" / folder.name / "report.json")
@@ -216,7 +216,7 @@ def route_calls(router: Any, store: Any, call_ids: list[str]) -> list[Routed]:
         views.append(view)
         ids.append(call_id)
     if views:
-        embedder = Embedder(router.meta["embedding_model"], router.meta["max_seq_length"])
+        embedder = Embedder(router.meta.embedding_model, router.meta.max_seq_length)
         texts = [v.task_text for v in views] + [v.turn_text for v in views]
         vecs, _ = embed_cached(store, embedder, texts)
         labels, conf = router.predict(

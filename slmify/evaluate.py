@@ -49,7 +49,7 @@ from slmify.schema import (
     message_text,
 )
 from slmify.specialists import TaskRuntime
-from slmify.workspace import Workspace
+from slmify.workspace import Workspace, router_meta_file
 
 HELD_OUT = ("test", "calibration")
 
@@ -278,12 +278,12 @@ def evaluate_workspace(
 
 
 def _load_router(ws_root: Path) -> Any:
-    folder = Workspace.at(ws_root).router_dir()
-    if not (folder / "router.json").exists():
+    ws = Workspace.at(ws_root)
+    if not router_meta_file(ws.router_dir()).exists():
         return None
     from slmify.router import load_router
 
-    return load_router(folder)
+    return load_router(ws.router_dir())
 
 
 def _judge_call(judge: Judge) -> Callable[[CallRecord, str], float | None]:

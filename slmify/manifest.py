@@ -311,20 +311,20 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
 
 def router_spec(ws_root: Path) -> RouterSpec | None:
     """The router `slmify cluster` fitted (cluster/router/), or None: all calls to the LLM."""
-    folder = Workspace.at(ws_root).router_dir()
-    if not (folder / "router.json").exists():
+    ws = Workspace.at(ws_root)
+    meta = ws.router_meta()
+    if meta is None:
         return None
-    meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
     return RouterSpec(
-        embedding_model=meta["embedding_model"],
+        embedding_model=meta.embedding_model,
         params={
-            "max_seq_length": meta["max_seq_length"],
-            "classes": meta["classes"],
-            "holdout": meta.get("holdout"),
+            "max_seq_length": meta.max_seq_length,
+            "classes": meta.classes,
+            "holdout": meta.holdout,
         },
         # Relative to the manifest's folder (the workspace), so the workspace can move.
-        artifact=str(folder.relative_to(ws_root)),
-        confidence_threshold=meta["min_confidence"],
+        artifact=str(ws.router_dir().relative_to(ws_root)),
+        confidence_threshold=meta.min_confidence,
     )
 
 

@@ -4,9 +4,10 @@
 answer format, the last turn's role, the agent's previous action, and the projected
 embeddings of the task statement and last turn) against the clustering's own
 assignment, scores it on held-out sessions, then refits on all calls and saves it to
-WORKSPACE/cluster/router/: `router.json` (classes, vocabularies, settings, held-out
-score) and `router.npz` (the projections and the logistic-regression weights). No
-pickle: both files are inspectable and loading runs no code from them.
+WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes, vocabularies, settings,
+held-out score; read and written by slmify.workspace, strictly) and `router.npz` (the
+projections and the logistic-regression weights). No pickle: both files are inspectable
+and loading runs no code from them.
 
 `load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
 confidence)` for "stay with the LLM"; `route_many` routes several requests in one pass,
@@ -18,7 +19,6 @@ statement repeats across a session and is cached), a matmul and a softmax.
 from __future__ import annotations
 
 import asyncio
-import json
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from slmify.features import CallView, InputView, Projection, dynamic_text, input_blocks, input_view
-from slmify.schema import SCHEMA_VERSION, ChatRequest
+from slmify.schema import ChatRequest, RouterMeta
+from slmify.workspace import read_router_meta, router_weights_file, write_router_meta
 
 LLM = "LLM"
 TASK_CACHE_SIZE = 10000
@@ -37,7 +38,7 @@ MAX_ROUTE_BATCH = 32
 
 @dataclass
 class Router:
-    meta: dict[str, Any]
+    meta: RouterMeta
     task_proj: Projection
     turn_proj: Projection
     coef: np.ndarray
@@ -46,7 +47,7 @@ class Router:
     def __post_init__(self) -> None:
         self._embedder: Any = None
         self._task_cache: dict[str, np.ndarray] = {}
-        self._shared = {k: set(v) for k, v in self.meta["shared_lines"].items()}
+        self._shared = {k: set(v) for k, v in self.meta.shared_lines.items()}
 
     def predict(self, features: np.ndarray) -> tuple[list[str | None], np.ndarray]:
         """Task id (None: the LLM) and confidence for each row of input features."""
@@ -56,9 +57,9 @@ class Router:
         probs /= probs.sum(axis=1, keepdims=True)
         best = probs.argmax(axis=1)
         conf = probs[np.arange(len(best)), best]
-        classes = self.meta["classes"]
+        classes = self.meta.classes
         labels = [
-            None if classes[b] == LLM or c < self.meta["min_confidence"] else classes[b]
+            None if classes[b] == LLM or c < self.meta.min_confidence else classes[b]
             for b, c in zip(best, conf, strict=True)
         ]
         return labels, conf
@@ -66,8 +67,8 @@ class Router:
     def features(self, views: list[InputView], task_vecs: np.ndarray, turn_vecs: np.ndarray):
         return input_blocks(
             views,
-            self.meta["identities"],
-            self.meta["previous_actions"],
+            self.meta.identities,
+            self.meta.previous_actions,
             self.task_proj(task_vecs),
             self.turn_proj(turn_vecs),
         )
@@ -76,7 +77,7 @@ class Router:
         """The request's input view with its agent's shared lines removed, or None for an
         agent never seen while clustering (no specialist knows it: the LLM answers)."""
         view = input_view(request)
-        if view.identity not in self.meta["identities"]:
+        if view.identity not in self.meta.identities:
             return None
         shared = self._shared.get(view.identity, set())
         return replace(
@@ -122,13 +123,13 @@ class Router:
             from slmify.embed import Embedder
 
             meta = self.meta
-            self._embedder = Embedder(meta["embedding_model"], meta["max_seq_length"], fast=True)
+            self._embedder = Embedder(meta.embedding_model, meta.max_seq_length, fast=True)
         return self._embedder.encode_few(texts)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(
-            folder / "router.npz",
+            router_weights_file(folder),
             coef=self.coef,
             intercept=self.intercept,
             task_mean=self.task_proj.mean,
@@ -136,7 +137,7 @@ class Router:
             turn_mean=self.turn_proj.mean,
             turn_components=self.turn_proj.components,
         )
-        (folder / "router.json").write_text(json.dumps(self.meta, indent=1), encoding="utf-8")
+        write_router_meta(folder, self.meta)
 
 
 class RouteBatcher:
@@ -174,11 +175,12 @@ class RouteBatcher:
 
 
 def load_router(path: str | Path) -> Router:
-    """Load a router saved by `slmify cluster` (its folder, or the router.json in it)."""
+    """Load a router saved by `slmify cluster` (its folder, or the router.json in it); its
+    metadata is checked as `RouterMeta` (a WorkspaceError names the file otherwise)."""
     folder = Path(path)
     folder = folder.parent if folder.suffix == ".json" else folder
-    meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
-    with np.load(folder / "router.npz") as a:
+    meta = read_router_meta(folder)
+    with np.load(router_weights_file(folder)) as a:
         return Router(
             meta=meta,
             task_proj=Projection(a["task_mean"], a["task_components"]),
@@ -204,26 +206,22 @@ def fit_router(
     length, shared lines, minimum confidence); the held-out score joins the metadata.
     """
     inputs = [v.inputs for v in views]
-    meta = {
+    meta = RouterMeta(
         **settings,
-        "schema_version": SCHEMA_VERSION,
-        "identities": sorted({v.identity for v in inputs}),
-        "previous_actions": sorted({v.previous_action for v in inputs}),
-    }
+        identities=sorted({v.identity for v in inputs}),
+        previous_actions=sorted({v.previous_action for v in inputs}),
+        holdout={},
+        classes=[],
+    )
     task_proj, turn_proj = projections
     X = input_blocks(
-        inputs,
-        meta["identities"],
-        meta["previous_actions"],
-        task_proj(task_vecs),
-        turn_proj(turn_vecs),
+        inputs, meta.identities, meta.previous_actions, task_proj(task_vecs), turn_proj(turn_vecs)
     )
     y = np.array([t or LLM for t in task_of])
-    meta["holdout"] = _holdout(
-        meta, projections, X, y, [v.session for v in views], holdout_share, seed
-    )
+    holdout = _holdout(meta, projections, X, y, [v.session for v in views], holdout_share, seed)
     classes, coef, intercept = _fit_linear(X, y, seed)
-    return Router({**meta, "classes": classes}, task_proj, turn_proj, coef, intercept)
+    meta = meta.model_copy(update={"holdout": holdout, "classes": classes})
+    return Router(meta, task_proj, turn_proj, coef, intercept)
 
 
 def _fit_linear(X: np.ndarray, y: np.ndarray, seed: int):
@@ -239,7 +237,7 @@ def _fit_linear(X: np.ndarray, y: np.ndarray, seed: int):
     return classes, coef.astype(np.float32), intercept.astype(np.float32)
 
 
-def _holdout(meta, projections, X, y, sessions, share, seed) -> dict[str, Any]:
+def _holdout(meta: RouterMeta, projections, X, y, sessions, share, seed) -> dict[str, Any]:
     """Accuracy on sessions never seen in fitting, against the clustering's assignment."""
     from sklearn.model_selection import GroupShuffleSplit
 
@@ -248,7 +246,7 @@ def _holdout(meta, projections, X, y, sessions, share, seed) -> dict[str, Any]:
     split = GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed)
     train, test = next(split.split(X, groups=sessions))
     classes, coef, intercept = _fit_linear(X[train], y[train], seed)
-    probe = Router({**meta, "classes": classes}, *projections, coef, intercept)
+    probe = Router(meta.model_copy(update={"classes": classes}), *projections, coef, intercept)
     predicted, _ = probe.predict(X[test])
     truth = [None if t == LLM else t for t in y[test]]
     hits = [p == t for p, t in zip(predicted, truth, strict=True)]

@@ -138,6 +138,32 @@ class Assignment(BaseModel):
     task: str | None
 
 
+class RouterMeta(BaseModel):
+    """`cluster/router/router.json`: what routing needs besides the weights (router.npz).
+    The fields keep the order the router has always written them in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str
+    max_seq_length: int
+    min_confidence: float = Field(description="Below this a call goes to the LLM.")
+    shared_lines: dict[str, list[str]] = Field(
+        description="Per agent identity, the boilerplate lines' hashes dropped before embedding."
+    )
+    schema_version: int = SCHEMA_VERSION
+    identities: list[str] = Field(description="Agent identities seen while clustering.")
+    previous_actions: list[str]
+    holdout: dict[str, float | int | str | None] = Field(
+        description="Accuracy on held-out sessions, or why there is none (`reason`)."
+    )
+    classes: list[str] = Field(description="Task ids and `LLM`, in the weights' row order.")
+
+    def __getitem__(self, key: str) -> Any:
+        # Only for slmify/endtoend.py's `router.meta["min_confidence"]` (the lead's file, not
+        # converted in the same change); read the attribute everywhere else.
+        return getattr(self, key)
+
+
 # -- S4/S5 train --------------------------------------------------------------------------
 
 

@@ -10,6 +10,9 @@ and written by one method of `Workspace`, as a model of slmify.schema:
 
 - cluster/tasks.json          `TaskList` (`tasks`, `write_tasks`), written by cluster and by
                               drift's placing of new calls;
+- cluster/router/router.json  `RouterMeta` (`router_meta`; `read_router_meta` and
+                              `write_router_meta` for the staging folder cluster writes it
+                              in), beside router.npz (the weights, slmify.router's);
 - assignments.jsonl           `Assignment` per line (`assignments`, `write_assignments`);
 - specialists/<task id>/      train's folder per task (`specialist_dir`): result.json
                               (`SpecialistResult`: `result`, `write_result`), splits.json
@@ -36,13 +39,15 @@ from slmify.errors import SlmifyError
 if TYPE_CHECKING:  # pydantic and the schema load on first use: `--help` stays instant
     from pydantic import BaseModel, ValidationError
 
-    from slmify.schema import SpecialistResult, Splits, TaskCluster
+    from slmify.schema import RouterMeta, SpecialistResult, Splits, TaskCluster
 
 DEFAULT_WORKSPACE = "slmify-workspace"
 # The artifacts' names, relative to the workspace or to a specialist's folder.
 CLUSTER_DIR = "cluster"
 TASKS_FILE = "tasks.json"
 ROUTER_DIR = "router"
+ROUTER_META_FILE = "router.json"
+ROUTER_WEIGHTS_FILE = "router.npz"
 ASSIGNMENTS_FILE = "assignments.jsonl"
 SPECIALISTS_DIR = "specialists"
 RESULT_FILE = "result.json"
@@ -99,8 +104,14 @@ class Workspace:
 
     def has_clustering(self) -> bool:
         """Whether `slmify cluster` has left its tasks, router and assignments."""
-        files = (self.tasks_file(), self.router_dir() / "router.json", self.assignments_file())
+        files = (self.tasks_file(), router_meta_file(self.router_dir()), self.assignments_file())
         return all(f.exists() for f in files)
+
+    def router_meta(self) -> RouterMeta | None:
+        """The router's settings and classes, None when clustering fitted none."""
+        if not router_meta_file(self.router_dir()).exists():
+            return None
+        return read_router_meta(self.router_dir())
 
     def tasks(self) -> list[TaskCluster]:
         """The tasks, ranked by value as clustering wrote them."""
@@ -207,6 +218,33 @@ class Workspace:
 
     def write_splits(self, task_id: str, splits: Splits) -> Path:
         return write_splits_file(self.specialist_dir(task_id), splits)
+
+
+# -- the router's folder, wherever it is (cluster writes it in a staging folder) -------------
+
+
+def router_meta_file(folder: Path) -> Path:
+    return folder / ROUTER_META_FILE
+
+
+def router_weights_file(folder: Path) -> Path:
+    """router.npz: the projections and the weights, which slmify.router reads and writes."""
+    return folder / ROUTER_WEIGHTS_FILE
+
+
+def read_router_meta(folder: Path) -> RouterMeta:
+    from slmify.schema import RouterMeta
+
+    path = router_meta_file(folder)
+    if not path.exists():
+        raise WorkspaceError(f"{path} not found: run `slmify cluster` first")
+    return read_model(path, RouterMeta)
+
+
+def write_router_meta(folder: Path, meta: RouterMeta) -> Path:
+    path = router_meta_file(folder)
+    write_text(path, json.dumps(meta.model_dump(mode="json"), indent=1))
+    return path
 
 
 # -- a specialist's folder, wherever it is (datasets builds one outside a workspace too) ----

@@ -46,13 +46,14 @@ from slmify.schema import (
     GateDecision,
     ModelEval,
     PromptPruning,
+    RouterMeta,
     ServedRoute,
     SpecialistAttempt,
     SpecialistResult,
     TaskCluster,
 )
 from slmify.store import open_store
-from slmify.workspace import Workspace
+from slmify.workspace import Workspace, write_router_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "calls.jsonl.gz"
@@ -107,14 +108,17 @@ class Fakes:
                     llm_cost_usd=0.01 * n,
                 )
             )
-        ws.router_dir().mkdir(parents=True, exist_ok=True)
-        meta = {
-            "embedding_model": "all-MiniLM-L6-v2",
-            "max_seq_length": 128,
-            "classes": [t.id for t in tasks],
-            "min_confidence": 0.5,
-        }
-        (ws.router_dir() / "router.json").write_text(json.dumps(meta))
+        meta = RouterMeta(
+            embedding_model="all-MiniLM-L6-v2",
+            max_seq_length=128,
+            min_confidence=0.5,
+            shared_lines={},
+            identities=[],
+            previous_actions=[],
+            holdout={"accuracy": None, "reason": "scripted"},
+            classes=[t.id for t in tasks],
+        )
+        write_router_meta(ws.router_dir(), meta)
         ws.write_tasks(tasks)
         ws.write_assignments({r["id"]: r["task"] for r in rows})
         return {"calls": len(rows), "tasks": len(tasks), "unassigned": 0, "silhouette": None}

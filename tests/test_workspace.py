@@ -12,8 +12,14 @@ from typer.testing import CliRunner
 
 from slmify.cli import app
 from slmify.errors import SlmifyError
-from slmify.schema import SpecialistResult, Splits, TaskCluster
-from slmify.workspace import Workspace, WorkspaceError, read_splits_file
+from slmify.schema import RouterMeta, SpecialistResult, Splits, TaskCluster
+from slmify.workspace import (
+    Workspace,
+    WorkspaceError,
+    read_router_meta,
+    read_splits_file,
+    write_router_meta,
+)
 
 TASKS = [
     TaskCluster(id="t01-book", label="book", output_shape="tool_call", calls=3, share=0.75),
@@ -59,6 +65,46 @@ def test_round_trips_and_the_bytes_the_stages_wrote_before(tmp_path: Path) -> No
     assert path.read_text() == json.dumps(split_record, indent=1)
     # Only the files: no temporary file left beside them.
     assert sorted(p.name for p in ws.cluster_dir().iterdir()) == ["tasks.json"]
+
+
+ROUTER_SETTINGS = {
+    "embedding_model": "sentence-transformers/all-MiniLM-L6-v2",
+    "max_seq_length": 128,
+    "min_confidence": 0.5,
+    "shared_lines": {"agent-a": ["h1", "h2"]},
+}
+
+
+def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path)
+    assert ws.router_meta() is None
+    holdout = {"accuracy": 0.9, "test_calls": 10, "test_sessions": 2, "routed_share": 0.8}
+    meta = RouterMeta(
+        **ROUTER_SETTINGS,
+        identities=["agent-a"],
+        previous_actions=["", "tool:search"],
+        holdout=holdout | {"accuracy_when_routed": None},
+        classes=["LLM", "t01-book"],
+    )
+    write_router_meta(ws.router_dir(), meta)
+    assert ws.router_meta() == meta == read_router_meta(ws.router_dir())
+    # The dict router.fit_router dumped before RouterMeta, key for key.
+    old = {
+        **ROUTER_SETTINGS,
+        "schema_version": 1,
+        "identities": ["agent-a"],
+        "previous_actions": ["", "tool:search"],
+        "holdout": holdout | {"accuracy_when_routed": None},
+        "classes": ["LLM", "t01-book"],
+    }
+    path = ws.router_dir() / "router.json"
+    assert path.read_text(encoding="utf-8") == json.dumps(old, indent=1)
+    assert type(ws.router_meta().holdout["test_calls"]) is int
+    # What tests/test_run.py forged before: no version, no vocabularies.
+    path.write_text(json.dumps({**ROUTER_SETTINGS, "schema_version": 1, "classes": []}))
+    with pytest.raises(WorkspaceError) as e:
+        ws.router_meta()
+    assert str(e.value) == f"{path}: not a RouterMeta (identities: Field required, 3 errors)"
 
 
 def test_a_result_names_the_adapter_in_its_folder_wherever_the_workspace_moved(
@@ -145,7 +191,15 @@ def test_a_failed_write_leaves_the_old_file_whole(
 
 # -- the names, spelled once ----------------------------------------------------------------
 
-FILES = ("tasks.json", "assignments.jsonl", "result.json", "splits.json", "recipe.yaml")
+FILES = (
+    "tasks.json",
+    "assignments.jsonl",
+    "result.json",
+    "splits.json",
+    "recipe.yaml",
+    "router.json",
+    "router.npz",
+)
 FOLDERS = ("specialists", "cluster")
 SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
 
