@@ -71,8 +71,9 @@ def postgres_url() -> Iterator[str]:
         admin.close()
 
 
-def make_tiny_base(folder: Path) -> Path:
-    """A 2-layer random Llama (hidden 16) with SmolLM2's tokenizer and chat template."""
+def make_tiny_base(folder: Path, hidden: int = 16) -> Path:
+    """A 2-layer random Llama (2 heads of `hidden` / 2) with SmolLM2's tokenizer and chat
+    template."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -82,8 +83,8 @@ def make_tiny_base(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,

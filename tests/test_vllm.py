@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_base
 from test_proxy import FakeLLM, serving
 from test_serve import TEXT, TOOL, _load, _record, _specialist, post
 
-from slmify.collect import parse_request
+from slmify.callparse import parse_request
 from slmify.schema import (
     FallbackLLM,
     Manifest,
@@ -40,28 +41,9 @@ pytestmark = [
 
 
 def make_vllm_base(folder: Path) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, as tests/conftest's tiny base but
-    with 32-wide attention heads: vLLM's CPU attention has no kernel for narrower ones."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from slmify.models import resolve_base
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """conftest's tiny random base with 32-wide attention heads: vLLM's CPU attention has
+    no kernel for narrower ones."""
+    return make_tiny_base(folder, hidden=64)
 
 
 def _free_port() -> int:
