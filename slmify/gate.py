@@ -158,7 +158,10 @@ def fit_threshold(
     scored: list[tuple[float, bool]], target: float, confidence: float
 ) -> tuple[float | None, int, int]:
     """The lowest confidence threshold at which the one-sided lower bound (Wilson) of
-    agreement over the answers at or above it clears `target`.
+    agreement over the answers at or above it clears `target`, thresholds tried from the
+    most confident down and the search stopped at the first that fails once one cleared
+    (fixed-sequence testing): taking the lowest of every threshold that clears, past
+    ones that do not, would pick the luckiest of many looks and overstate the bound.
 
     `scored` holds (confidence, agreed) per answer. Returns the threshold (None when no
     threshold clears the target), and how many answers are at or above it and agree.
@@ -174,6 +177,8 @@ def fit_threshold(
             continue
         if wilson_bounds(agreed, i + 1, confidence)[0] >= target:
             best = (conf, i + 1, agreed)
+        elif best[0] is not None:
+            break
     return best
 
 

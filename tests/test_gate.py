@@ -161,6 +161,10 @@ def test_threshold_search_returns_the_threshold_computed_by_hand() -> None:
     # A lower target admits the lowest threshold whose bound still clears it.
     assert fit_threshold(scored, 0.86, 0.95) == (0.4, 33, 32)
     assert fit_threshold(scored, 0.83, 0.95) == (0.3, 34, 32)
+    # At 0.87 the top 30 clear (0.917), 30/31 fails (0.868), then 31/32 and 32/33 clear
+    # again (0.871, 0.875): the search stops at the first failure, so the bound it
+    # reports is not the best of several looks past a failing one.
+    assert fit_threshold(scored, 0.87, 0.95) == (pytest.approx(0.70), 30, 30)
     # Too few answers for any bound to clear the target: no threshold.
     assert fit_threshold([(0.9, True)] * 5, 0.9, 0.95) == (None, 0, 0)
     # Equal confidences are kept or deferred together.
