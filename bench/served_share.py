@@ -22,6 +22,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from slmify.workspace import Workspace
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 LABEL_KEYS = ("next_action", "task", "group")
@@ -70,7 +72,7 @@ def main() -> None:
         cli("train", *w, *[x for s in sets for x in ("--set", s)])
     limit = ["--limit", str(args.limit)] if args.limit else []
     out = cli("eval", *w, *limit)
-    e2e = json.loads((ws / "eval" / "endtoend" / "summary.json").read_text())
+    e2e = Workspace.at(ws).end_to_end().model_dump()
     print(f"\n{args.dataset}: {out['headline']}")
     print(
         f"  without deferral: {e2e['served_without_deferral']} served, agreement "

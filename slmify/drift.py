@@ -149,16 +149,6 @@ def task_call_hashes(calls: dict[str, str], assignment: dict[str, str]) -> dict[
     return {t: content_hash(sorted(items)) for t, items in by_task.items()}
 
 
-def eval_report(ws_root: Path, task_id: str) -> Any:
-    """The task's EvalReport, or None when it has not been evaluated."""
-    from slmify.schema import EvalReport
-
-    path = ws_root / "eval" / task_id / "report.json"
-    if not path.exists():
-        return None
-    return EvalReport.model_validate_json(path.read_text(encoding="utf-8"))
-
-
 def adapter_digest(ws: Workspace, task_id: str) -> str:
     """The trained specialist's bytes: its LoRA adapter or its label head."""
     folder = ws.specialist_dir(task_id)
@@ -188,7 +178,7 @@ def manifest_inputs(ws: Workspace, state: RunState) -> str:
     files = [ws.tasks_file(), router_meta_file(ws.router_dir())]
     for folder in sorted(ws.specialists_dir().glob("*/")):
         files.append(ws.result_file(folder.name))
-        files.append(ws.root / "eval" / folder.name / "report.json")
+        files.append(ws.eval_report_file(folder.name))
     demoted = {k: v.model_dump() for k, v in state.demoted.items()}
     return content_hash(
         [[str(f.relative_to(ws.root)) for f in files], files_digest(files), demoted]

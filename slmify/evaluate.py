@@ -243,7 +243,7 @@ def evaluate_workspace(
         cluster_task=ws.assigned(),
     )
     calls = held_out_calls(store, trained, limit)
-    out = ws_root / "eval" / "endtoend"
+    out = ws.endtoend_dir()
     out.mkdir(parents=True, exist_ok=True)
     with _progress(sum(len(c) for c in calls.values()), progress) as tick:
         # 2. Calibration: fit each task's confidence threshold.
@@ -264,16 +264,16 @@ def evaluate_workspace(
         summary["evaluated"] += 1
         if report.decision.status == "promoted":
             promoted.add(t.task.id)
-        summary["tasks"].append(_task_summary(report))
+        summary["tasks"].append(_task_summary(report, ws.eval_report_file(t.task.id)))
     # 4. The headline: only promoted specialists answer.
     cost = {t.id: t.llm_cost_usd / t.calls for t in tasks if t.calls}
     headline = end_to_end(rows, promoted, by_task, trained[0].cfg, cost)
-    (out / "summary.json").write_text(headline.model_dump_json(indent=2), encoding="utf-8")
+    ws.write_end_to_end(headline)
     announce(headline.headline())
     summary["promoted"] = len(promoted)
     summary["end_to_end"] = headline.model_dump(mode="json", exclude={"by_task"})
     summary["headline"] = headline.headline()
-    summary["reports"] = str(ws_root / "eval")
+    summary["reports"] = str(ws.evals_dir())
     return summary
 
 
@@ -317,7 +317,8 @@ def _task_report(t, rows, served, deferral, judge, ws_root) -> EvalReport:  # no
             [float(bool(r.agree)) for r in mine if r.answered_by == t.task.id], t.cfg
         )
     decision = decide_served(served_agreement, t.task.output_shape, t.cfg, why_not)
-    folder = ws_root / "eval" / t.task.id
+    ws = Workspace.at(ws_root)
+    folder = ws.eval_dir(t.task.id)
     folder.mkdir(parents=True, exist_ok=True)
     _write_rows(folder / "calls.jsonl", mine)
     llm = [r.llm_latency_ms for r in mine if r.llm_latency_ms is not None]
@@ -335,7 +336,7 @@ def _task_report(t, rows, served, deferral, judge, ws_root) -> EvalReport:  # no
         calls_file=str(folder / "calls.jsonl"),
         created_at=datetime.now(timezone.utc),
     )
-    (folder / "report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    ws.write_eval_report(report)
     return report
 
 
@@ -385,7 +386,7 @@ def describe(report: EvalReport) -> str:
     )
 
 
-def _task_summary(report: EvalReport) -> dict[str, Any]:
+def _task_summary(report: EvalReport, report_file: Path) -> dict[str, Any]:
     a = report.specialist.agreement
     return {
         "id": report.task_id,
@@ -405,7 +406,7 @@ def _task_summary(report: EvalReport) -> dict[str, Any]:
         "specialist_latency_ms_p50": report.specialist.latency_ms_p50,
         "specialist_tokens_per_s": report.specialist.tokens_per_s,
         "llm_latency_ms_p50": report.llm_latency_ms_p50,
-        "report": str(Path(report.calls_file).with_name("report.json")),
+        "report": str(report_file),
     }
 
 

@@ -33,7 +33,6 @@ import yaml
 
 from slmify.errors import SlmifyError
 from slmify.schema import (
-    EndToEnd,
     EvalReport,
     FallbackLLM,
     Manifest,
@@ -251,14 +250,10 @@ def write_exports(manifest: Manifest, folder: Path) -> dict[str, str]:
 
 def build_manifest(ws_root: Path, store: Any) -> Manifest:
     """The manifest of the workspace as it stands: every task, promoted or on the LLM."""
-    tasks = Workspace.at(ws_root).tasks()
+    ws = Workspace.at(ws_root)
+    tasks = ws.tasks()
     entries = [manifest_task(ws_root, t) for t in tasks]
-    summary = ws_root / "eval" / "endtoend" / "summary.json"
-    headline = (
-        EndToEnd.model_validate_json(summary.read_text(encoding="utf-8"))
-        if summary.exists()
-        else None
-    )
+    headline = ws.end_to_end()
     return Manifest(
         created_at=datetime.now(timezone.utc),
         router=router_spec(ws_root),
@@ -273,7 +268,6 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
     """One task's entry: its specialist and evaluation when they exist, and the decision."""
     ws = Workspace.at(ws_root)
     folder = ws.specialist_dir(task.id)
-    report_file = ws_root / "eval" / task.id / "report.json"
     result = ws.trained(task.id)
     entry = ManifestTask(
         id=task.id,
@@ -290,11 +284,11 @@ def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:
     data = folder / "dataset"
     entry.data_hash = files_hash([data / "train.jsonl", data / "validation.jsonl"])
     entry.recipe_hash = content_hash(yaml.safe_load(ws.recipe_file(task.id).read_text()))
-    if not report_file.exists():
+    report = ws.eval_report(task.id)
+    if report is None:
         entry.reason = "not evaluated yet (run `slmify eval`)"
         return entry
-    report = EvalReport.model_validate_json(report_file.read_text(encoding="utf-8"))
-    entry.evaluation = task_evaluation(report, report_file)
+    entry.evaluation = task_evaluation(report, ws.eval_report_file(task.id))
     trained_file = (
         Path(result.adapter) / "adapter_config.json"
         if result.kind == "lora"

@@ -37,7 +37,6 @@ from slmify.drift import (
     agreement_finding,
     assign_to_tasks,
     eval_inputs,
-    eval_report,
     file_sha256,
     gate_regressions,
     live_scores,
@@ -301,7 +300,7 @@ class Pipeline:
             if inputs is None:
                 continue
             trained[task.id] = inputs
-            report = self.ws.root / "eval" / task.id / "report.json"
+            report = self.ws.eval_report_file(task.id)
             if self.state.eval.get(task.id) != inputs or not report.exists():
                 todo.append(task.id)
         self.state.eval = {k: v for k, v in self.state.eval.items() if k in trained}
@@ -360,7 +359,7 @@ class Pipeline:
                 del self.state.demoted[task.id]
             elif demotion is not None:
                 continue
-            report = eval_report(self.ws.root, task.id)
+            report = self.ws.eval_report(task.id)
             if report is not None and report.decision.status == "promoted":
                 promoted[task.id] = (report, adapter)
         if not promoted:

@@ -39,7 +39,14 @@ from slmify.errors import SlmifyError
 if TYPE_CHECKING:  # pydantic and the schema load on first use: `--help` stays instant
     from pydantic import BaseModel, ValidationError
 
-    from slmify.schema import RouterMeta, SpecialistResult, Splits, TaskCluster
+    from slmify.schema import (
+        EndToEnd,
+        EvalReport,
+        RouterMeta,
+        SpecialistResult,
+        Splits,
+        TaskCluster,
+    )
 
 DEFAULT_WORKSPACE = "slmify-workspace"
 # The artifacts' names, relative to the workspace or to a specialist's folder.
@@ -50,6 +57,10 @@ ROUTER_META_FILE = "router.json"
 ROUTER_WEIGHTS_FILE = "router.npz"
 ASSIGNMENTS_FILE = "assignments.jsonl"
 SPECIALISTS_DIR = "specialists"
+EVAL_DIR = "eval"
+EVAL_REPORT_FILE = "report.json"
+ENDTOEND_DIR = "endtoend"
+ENDTOEND_FILE = "summary.json"
 RESULT_FILE = "result.json"
 SPLITS_FILE = "splits.json"
 RECIPE_FILE = "recipe.yaml"
@@ -219,6 +230,51 @@ class Workspace:
     def write_splits(self, task_id: str, splits: Splits) -> Path:
         return write_splits_file(self.specialist_dir(task_id), splits)
 
+    # -- eval: a report per task, the headline of the whole deployment ------------------
+
+    def evals_dir(self) -> Path:
+        return self.root / EVAL_DIR
+
+    def eval_dir(self, task_id: str) -> Path:
+        """eval/<task id>/: its report and its routed test calls."""
+        return self.evals_dir() / task_id
+
+    def eval_report_file(self, task_id: str) -> Path:
+        return self.eval_dir(task_id) / EVAL_REPORT_FILE
+
+    def eval_report(self, task_id: str) -> EvalReport | None:
+        """The task's evaluation, None before `slmify eval` evaluated it."""
+        from slmify.schema import EvalReport
+
+        path = self.eval_report_file(task_id)
+        return read_model(path, EvalReport) if path.exists() else None
+
+    def write_eval_report(self, report: EvalReport) -> Path:
+        path = self.eval_report_file(report.task_id)
+        write_text(path, report.model_dump_json(indent=2))
+        return path
+
+    def endtoend_dir(self) -> Path:
+        """eval/endtoend/: the replayed calibration and test calls and the headline."""
+        return self.evals_dir() / ENDTOEND_DIR
+
+    def end_to_end_file(self) -> Path:
+        return self.endtoend_dir() / ENDTOEND_FILE
+
+    def end_to_end(self) -> EndToEnd | None:
+        """The headline of the last `slmify eval`, None before one. The file has no
+        schema_version: EndToEnd is also the manifest's `end_to_end`, whose bytes a version
+        would change; its `extra="forbid"` still refuses another version's fields."""
+        from slmify.schema import EndToEnd
+
+        path = self.end_to_end_file()
+        return read_model(path, EndToEnd, versioned=False) if path.exists() else None
+
+    def write_end_to_end(self, headline: EndToEnd) -> Path:
+        path = self.end_to_end_file()
+        write_text(path, headline.model_dump_json(indent=2))
+        return path
+
 
 # -- the router's folder, wherever it is (cluster writes it in a staging folder) -------------
 
@@ -272,29 +328,33 @@ def write_splits_file(folder: Path, splits: Splits) -> Path:
 # -- strict reads, atomic writes ------------------------------------------------------------
 
 
-def read_model(path: Path, model: type[M]) -> M:
-    """The file as `model`, its `schema_version` this slmify's; else a WorkspaceError."""
+def read_model(path: Path, model: type[M], versioned: bool = True) -> M:
+    """The file as `model`, its `schema_version` this slmify's (unless not `versioned`);
+    else a WorkspaceError."""
     from pydantic import ValidationError
-
-    from slmify.schema import SCHEMA_VERSION
 
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise WorkspaceError(f"{path}: not JSON ({e})") from None
+    if versioned:
+        _check_version(path, model.__name__, doc)
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise WorkspaceError(f"{path}: not a {model.__name__} ({_first(e)})") from None
+
+
+def _check_version(path: Path, name: str, doc: Any) -> None:
+    from slmify.schema import SCHEMA_VERSION
+
     if not isinstance(doc, dict) or "schema_version" not in doc:
-        raise WorkspaceError(
-            f"{path}: no schema_version, not a {model.__name__} file as slmify writes it"
-        )
+        raise WorkspaceError(f"{path}: no schema_version, not a {name} file as slmify writes it")
     if doc["schema_version"] != SCHEMA_VERSION:
         raise WorkspaceError(
             f"{path}: schema_version {doc['schema_version']!r}, this slmify reads "
             f"{SCHEMA_VERSION}: run the stage that writes it again"
         )
-    try:
-        return model.model_validate(doc)
-    except ValidationError as e:
-        raise WorkspaceError(f"{path}: not a {model.__name__} ({_first(e)})") from None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -26,7 +26,6 @@ from slmify.schema import (
     SCHEMA_VERSION,
     CallRecord,
     EndToEnd,
-    EvalReport,
     ReplayedCall,
     TaskCluster,
 )
@@ -67,9 +66,8 @@ def build_report(ws_root: Path, store: Any) -> dict[str, Any]:
     labels = {t.id: _labels(ws.specialist_dir(t.id)) for t in tasks}
     names = name_tasks(tasks, {k: [c for c, _ in v] for k, v in calls.items()}, labels)
     # 2. What calibration and the test sessions said.
-    calibration = _rows(ws_root / "eval" / "endtoend" / "calibration.jsonl")
-    summary_file = ws_root / "eval" / "endtoend" / "summary.json"
-    e2e = _read(EndToEnd, summary_file) if summary_file.exists() else None
+    calibration = _rows(ws.endtoend_dir() / "calibration.jsonl")
+    e2e = ws.end_to_end()
     out_tasks = []
     for t in tasks:
         mine = calls.get(t.id, [])
@@ -188,10 +186,9 @@ def specialist(ws_root: Path, task_id: str, calibration: list[ReplayedCall]) -> 
         "cv_accuracy": m.get("cv_accuracy"),
         "evaluation": None,
     }
-    report_file = ws_root / "eval" / task_id / "report.json"
-    if not report_file.exists():
+    report = Workspace.at(ws_root).eval_report(task_id)
+    if report is None:
         return out
-    report = _read(EvalReport, report_file)
     a, d = report.specialist.agreement, report.deferral
     curve = coverage_curve(calibration)
     chosen = None

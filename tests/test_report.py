@@ -190,17 +190,16 @@ def test_a_stage_file_from_another_version_is_named(tmp_path: Path) -> None:
     from slmify.schema import TaskCluster
 
     ws = tmp_path / "ws"
-    (ws / "eval" / "endtoend").mkdir(parents=True)
     clustered = Workspace.at(ws)
     clustered.write_tasks(
         [TaskCluster(id="t01-x", label="x", output_shape="text", calls=1, share=1.0)]
     )
     clustered.write_assignments({"c1": "t01-x"})
-    summary = ws / "eval" / "endtoend" / "summary.json"
+    summary = clustered.end_to_end_file()
+    summary.parent.mkdir(parents=True)
     summary.write_text('{"split": "test"}')
     result = CliRunner().invoke(app, ["report", "-w", str(ws)])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"error: {summary}: sessions: Field required (written by another slmify version? "
-        "run the stage that writes it again)"
+        f"error: {summary}: not a EndToEnd (sessions: Field required, 14 errors)"
     )

@@ -198,8 +198,7 @@ def write_report(ws_root: Path, task_id: str, status: str, created: datetime) ->
         calls_file="calls.jsonl",
         created_at=created,
     )
-    (ws_root / "eval" / task_id).mkdir(parents=True, exist_ok=True)
-    (ws_root / "eval" / task_id / "report.json").write_text(report.model_dump_json())
+    Workspace.at(ws_root).write_eval_report(report)
 
 
 @pytest.fixture

@@ -107,6 +107,58 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
     assert str(e.value) == f"{path}: not a RouterMeta (identities: Field required, 3 errors)"
 
 
+def test_eval_reports_and_the_headline(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from slmify.schema import Agreement, EndToEnd, EvalReport, GateDecision, ModelEval
+
+    ws = Workspace.at(tmp_path)
+    assert ws.eval_report("t01-book") is None and ws.end_to_end() is None
+    agree = Agreement(n=3, mean=1.0, lower=0.4, upper=1.0, confidence=0.95, method="wilson")
+    report = EvalReport(
+        task_id="t01-book",
+        output_shape="tool_call",
+        specialist=ModelEval(agreement=agree),
+        base=None,
+        decision=GateDecision(status="llm", reason="3 calls", threshold=0.9),
+        adapter="adapter",
+        calls_file="calls.jsonl",
+        created_at=datetime(2026, 1, 2, tzinfo=timezone.utc),
+    )
+    ws.write_eval_report(report)
+    assert ws.eval_report("t01-book") == report
+    # evaluate wrote model_dump_json(indent=2) to eval/<task id>/report.json before.
+    path = tmp_path / "eval" / "t01-book" / "report.json"
+    assert path.read_text(encoding="utf-8") == report.model_dump_json(indent=2)
+    headline = EndToEnd(
+        split="test",
+        sessions=2,
+        calls=5,
+        served=0,
+        served_share=0.0,
+        agreement=None,
+        agreement_lower=None,
+        confidence=0.95,
+        method=None,
+        served_without_deferral=0,
+        agreement_without_deferral=None,
+        agreement_lower_without_deferral=None,
+        reasons={"llm": 5},
+        routed_share=0.0,
+        routing_accuracy=None,
+    )
+    ws.write_end_to_end(headline)
+    assert ws.end_to_end() == headline
+    summary = tmp_path / "eval" / "endtoend" / "summary.json"
+    assert summary.read_text(encoding="utf-8") == headline.model_dump_json(indent=2)
+    path.write_text(report.model_dump_json().replace('"schema_version":1', '"schema_version":0'))
+    with pytest.raises(WorkspaceError) as e:
+        ws.eval_report("t01-book")
+    assert str(e.value) == (
+        f"{path}: schema_version 0, this slmify reads 1: run the stage that writes it again"
+    )
+
+
 def test_a_result_names_the_adapter_in_its_folder_wherever_the_workspace_moved(
     tmp_path: Path,
 ) -> None:
@@ -199,8 +251,9 @@ FILES = (
     "recipe.yaml",
     "router.json",
     "router.npz",
+    "summary.json",
 )
-FOLDERS = ("specialists", "cluster")
+FOLDERS = ("specialists", "cluster", "eval")
 SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
 
 
