@@ -37,6 +37,8 @@ def demo_requests(calls: int) -> dict[str, list[ChatRequest]]:
     with gzip.open(DEMO, "rt") as f:
         for line in f:
             record = json.loads(line)
+            if "choices" not in record["response"]:  # the demo's failed calls
+                continue
             raw, message = record["request"], record["response"]["choices"][0]["message"]
             shape = "tool_call" if message.get("tool_calls") else text_shape(message["content"])
             if shape in out and len(out[shape]) < calls:
@@ -101,6 +103,10 @@ def main() -> None:
                     stats[constrained].append(
                         (ok, a.latency_ms / max(a.output_tokens, 1), a.output_tokens)
                     )
+            for constrained in (True, False):
+                pool.constrained[task_id] = constrained
+                first = pool.answer(task_id, shape_requests[0]).text
+                print(f"  {shape}, {'constrained' if constrained else 'free'}: {first[:160]!r}")
             for constrained in (True, False):
                 rows = stats[constrained]
                 valid = sum(ok for ok, _, _ in rows)
