@@ -1,8 +1,9 @@
 """What changed since the last `slmify run`: each stage's inputs, and the traffic.
 
-The run state (WORKSPACE/run/state.json, `RunState`) keeps the content hashes each stage
-last ran on; the functions under "what each stage reads" compute them now, so a stage
-whose hash is unchanged is skipped.
+The run state (WORKSPACE/run/state.json, `RunState`, which `slmify run` reads and writes
+through slmify.workspace) keeps the content hashes each stage last ran on; the functions
+under "what each stage reads" compute them now, so a stage whose hash is unchanged is
+skipped.
 
 Drift, each a `DriftFinding` with the work it calls for:
 - new task type: many new calls the router cannot place (no task, or confidence under
@@ -32,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmify.schema import CallRecord, DriftFinding, ServedRoute, content_hash
+from slmify.schema import CallRecord, DriftFinding, RunState, ServedRoute, content_hash
 from slmify.workspace import Workspace, router_meta_file
 
 
@@ -67,52 +68,7 @@ class Routed:
     confidence: float
 
 
-# -- the state between runs ---------------------------------------------------------------
-
-
-class Demotion(BaseModel):
-    """A promoted specialist `slmify run` took off serving, until it is retrained."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    adapter: str = Field(description="Hash of the adapter demoted; a new one lifts it.")
-    reason: str
-
-
-class RunState(BaseModel):
-    """WORKSPACE/run/state.json: the inputs each stage last ran on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = 1
-    sources: dict[str, str] = Field(default_factory=dict, description="File -> sha256.")
-    stages: dict[str, str] = Field(default_factory=dict, description="Stage -> inputs hash.")
-    cluster_settings: str | None = Field(None, description="Hash of the last full clustering's.")
-    train: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="Task -> hashes of its calls and of the recipe."
-    )
-    eval: dict[str, str] = Field(default_factory=dict, description="Task -> inputs hash.")
-    demoted: dict[str, Demotion] = Field(default_factory=dict)
-    router_confidence: float | None = Field(
-        None, description="The router's mean confidence on the calls it was fit on."
-    )
-    updated_at: datetime | None = None
-
-
-def load_state(ws: Workspace) -> RunState:
-    path = ws.root / "run" / "state.json"
-    if not path.exists():
-        return RunState()
-    return RunState.model_validate_json(path.read_text(encoding="utf-8"))
-
-
-def save_state(ws: Workspace, state: RunState) -> None:
-    """Written after every stage (atomically), so an interrupted run resumes."""
-    state.updated_at = datetime.now(timezone.utc)
-    path = ws.path("run", "state.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(state.model_dump_json(indent=2), encoding="utf-8")
-    tmp.replace(path)
+# -- hashing what a stage reads -----------------------------------------------------------
 
 
 def file_sha256(path: Path) -> str:

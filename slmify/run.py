@@ -31,8 +31,6 @@ from typing import Any
 
 from slmify.cluster import ClusterConfig
 from slmify.drift import (
-    Demotion,
-    RunState,
     adapter_digest,
     agreement_finding,
     assign_to_tasks,
@@ -40,12 +38,10 @@ from slmify.drift import (
     file_sha256,
     gate_regressions,
     live_scores,
-    load_state,
     manifest_inputs,
     route_calls,
     router_confidence,
     routing_findings,
-    save_state,
     task_call_hashes,
     training_calls,
 )
@@ -58,7 +54,7 @@ from slmify.runconfig import (
     resolve_recipe,
     resolve_sources,
 )
-from slmify.schema import DriftFinding, StageOutcome, content_hash
+from slmify.schema import Demotion, DriftFinding, RunState, StageOutcome, content_hash
 from slmify.workspace import Workspace
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DEMOTED = 0, 1, 2, 3
@@ -92,7 +88,7 @@ def run_pipeline(
         sources=resolve_sources(cfg.sources, base),
         cluster_config=resolve_cluster_recipe(cfg.cluster, base),
         recipe=resolve_recipe(cfg.train, base),
-        state=load_state(ws),
+        state=ws.run_state(),
         progress=progress,
         announce=announce,
     )
@@ -141,7 +137,7 @@ class Pipeline:
                 self.announce(f"{name}: {verb} ({outcome.seconds:.0f} s): {outcome.reason}")
                 if outcome.failed:
                     break
-                save_state(self.ws, self.state)
+                self.ws.write_run_state(self.state)
         return outcomes, self.findings
 
     def collect(self, store: Any) -> StageOutcome:
@@ -280,7 +276,7 @@ class Pipeline:
             summary = train_all(self.ws, self.recipe, task_id, progress=self.progress)
             results[task_id] = summary["tasks"][0]["status"]
             self.state.train[task_id] = {"calls": calls.get(task_id, ""), "recipe": recipe_hash}
-            save_state(self.ws, self.state)
+            self.ws.write_run_state(self.state)
         return StageOutcome(
             name="train",
             ran=True,

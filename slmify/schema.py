@@ -370,6 +370,35 @@ class DriftFinding(BaseModel):
     detail: str = Field(description="Human-readable, with the numbers.")
 
 
+class Demotion(BaseModel):
+    """A promoted specialist `slmify run` took off serving, until it is retrained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(description="Hash of the adapter demoted; a new one lifts it.")
+    reason: str
+
+
+class RunState(BaseModel):
+    """WORKSPACE/run/state.json: the inputs each stage last ran on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    sources: dict[str, str] = Field(default_factory=dict, description="File -> sha256.")
+    stages: dict[str, str] = Field(default_factory=dict, description="Stage -> inputs hash.")
+    cluster_settings: str | None = Field(None, description="Hash of the last full clustering's.")
+    train: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Task -> hashes of its calls and of the recipe."
+    )
+    eval: dict[str, str] = Field(default_factory=dict, description="Task -> inputs hash.")
+    demoted: dict[str, Demotion] = Field(default_factory=dict)
+    router_confidence: float | None = Field(
+        None, description="The router's mean confidence on the calls it was fit on."
+    )
+    updated_at: datetime | None = None
+
+
 class StageOutcome(BaseModel):
     """One stage of `slmify run`: whether it ran, and why (or why it was skipped)."""
 

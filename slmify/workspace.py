@@ -14,6 +14,10 @@ and written by one method of `Workspace`, as a model of slmify.schema:
                               `write_router_meta` for the staging folder cluster writes it
                               in), beside router.npz (the weights, slmify.router's);
 - assignments.jsonl           `Assignment` per line (`assignments`, `write_assignments`);
+- eval/<task id>/report.json  `EvalReport` (`eval_report`, `write_eval_report`), written by
+                              eval, read by the manifest, run and the workspace report;
+- eval/endtoend/summary.json  `EndToEnd` (`end_to_end`, `write_end_to_end`), eval's headline;
+- run/state.json              `RunState` (`run_state`, `write_run_state`), `slmify run`'s;
 - specialists/<task id>/      train's folder per task (`specialist_dir`): result.json
                               (`SpecialistResult`: `result`, `write_result`), splits.json
                               (`Splits`: `splits`, `write_splits`; `read_splits_file` and
@@ -43,6 +47,7 @@ if TYPE_CHECKING:  # pydantic and the schema load on first use: `--help` stays i
         EndToEnd,
         EvalReport,
         RouterMeta,
+        RunState,
         SpecialistResult,
         Splits,
         TaskCluster,
@@ -61,6 +66,8 @@ EVAL_DIR = "eval"
 EVAL_REPORT_FILE = "report.json"
 ENDTOEND_DIR = "endtoend"
 ENDTOEND_FILE = "summary.json"
+RUN_DIR = "run"
+RUN_STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
 SPLITS_FILE = "splits.json"
 RECIPE_FILE = "recipe.yaml"
@@ -273,6 +280,27 @@ class Workspace:
     def write_end_to_end(self, headline: EndToEnd) -> Path:
         path = self.end_to_end_file()
         write_text(path, headline.model_dump_json(indent=2))
+        return path
+
+    # -- run: the inputs each stage last ran on ------------------------------------------
+
+    def run_state_file(self) -> Path:
+        return self.root / RUN_DIR / RUN_STATE_FILE
+
+    def run_state(self) -> RunState:
+        """What `slmify run` recorded, an empty state before its first run."""
+        from slmify.schema import RunState
+
+        path = self.run_state_file()
+        return read_model(path, RunState) if path.exists() else RunState()
+
+    def write_run_state(self, state: RunState) -> Path:
+        """Stamped with the time: written after every stage, so an interrupted run resumes."""
+        from datetime import datetime, timezone
+
+        state.updated_at = datetime.now(timezone.utc)
+        path = self.run_state_file()
+        write_text(path, state.model_dump_json(indent=2))
         return path
 
 

@@ -159,6 +159,20 @@ def test_eval_reports_and_the_headline(tmp_path: Path) -> None:
     )
 
 
+def test_the_run_state_is_empty_until_written_then_stamped(tmp_path: Path) -> None:
+    from slmify.schema import Demotion, RunState
+
+    ws = Workspace.at(tmp_path)
+    assert ws.run_state() == RunState()
+    state = RunState(
+        eval={"t01-book": "h1"}, demoted={"t02-ask": Demotion(adapter="a", reason="r")}
+    )
+    ws.write_run_state(state)
+    assert state.updated_at is not None and ws.run_state() == state
+    assert ws.run_state_file().read_text() == state.model_dump_json(indent=2)
+    assert sorted(p.name for p in ws.run_state_file().parent.iterdir()) == ["state.json"]
+
+
 def test_a_result_names_the_adapter_in_its_folder_wherever_the_workspace_moved(
     tmp_path: Path,
 ) -> None:
@@ -252,6 +266,7 @@ FILES = (
     "router.json",
     "router.npz",
     "summary.json",
+    "state.json",
 )
 FOLDERS = ("specialists", "cluster", "eval")
 SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
