@@ -13,7 +13,6 @@ run resumes from the task's last checkpoint (`checkpoints/`, removed once it is 
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import time
@@ -36,7 +35,7 @@ from slmify.models import (
 )
 from slmify.recipes import Recipe, save_resolved
 from slmify.schema import CallRecord, SpecialistResult, TaskCluster
-from slmify.workspace import RECIPE_FILE, Workspace
+from slmify.workspace import RECIPE_FILE, Workspace, write_metrics_file
 
 
 class TrainError(SlmifyError, RuntimeError):
@@ -188,7 +187,7 @@ def train_task(
         prompt_tokens_mean=sum(r["prompt_tokens"] for r in rows["train"])
         / max(1, len(rows["train"])),
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics_file(out, metrics)
     return SpecialistResult(
         id=task.id,
         status="trained",
@@ -218,7 +217,7 @@ def _train_head(task, calls, recipe, rows, out) -> SpecialistResult | None:  # n
         (out / "head-skipped.txt").write_text(why_not + "\n", encoding="utf-8")
         return None
     (out / "head-skipped.txt").unlink(missing_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics_file(out, metrics)
     return SpecialistResult(
         id=task.id, status="trained", kind=kind, head=str(out / "head"), metrics=metrics
     )

@@ -21,8 +21,9 @@ and written by one method of `Workspace`, as a model of slmify.schema:
 - specialists/<task id>/      train's folder per task (`specialist_dir`): result.json
                               (`SpecialistResult`: `result`, `write_result`), splits.json
                               (`Splits`: `splits`, `write_splits`; `read_splits_file` and
-                              `write_splits_file` for a folder outside a workspace) and the
-                              resolved recipe (`recipe_file`).
+                              `write_splits_file` for a folder outside a workspace), the
+                              resolved recipe (`recipe_file`) and metrics.json (training's
+                              figures, `write_metrics_file`; read by people only).
 
 Readers are strict: a missing file, a missing or other `schema_version`, or a field the
 model rejects is a `WorkspaceError` naming the file. Writers write a temporary file in the
@@ -71,6 +72,7 @@ RUN_STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
 SPLITS_FILE = "splits.json"
 RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
 
 M = TypeVar("M", bound="BaseModel")
 
@@ -345,6 +347,14 @@ def read_splits_file(folder: Path) -> Splits:
     if not path.exists():
         raise WorkspaceError(f"{path} not found: run `slmify train` first")
     return read_model(path, Splits)
+
+
+def write_metrics_file(folder: Path, metrics: Mapping[str, Any]) -> Path:
+    """Training's figures for a person (curves, losses, speed), the same as the result's
+    `metrics`; no stage reads this file, so it stays a plain object with no model."""
+    path = folder / METRICS_FILE
+    write_text(path, json.dumps(metrics, indent=2))
+    return path
 
 
 def write_splits_file(folder: Path, splits: Splits) -> Path:

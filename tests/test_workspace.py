@@ -267,6 +267,7 @@ FILES = (
     "router.npz",
     "summary.json",
     "state.json",
+    "metrics.json",
 )
 FOLDERS = ("specialists", "cluster", "eval")
 SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
