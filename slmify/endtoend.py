@@ -101,7 +101,7 @@ class Replay:
         """Each call through the decision path. Calibrating, a task whose agreement cannot
         be decided is not asked (nothing to fit); testing, the base model of a LoRA
         specialist answers too where its recipe's eval.compare_base says so."""
-        threshold = self.router.meta["min_confidence"] if self.router is not None else 1.0
+        threshold = self.router.meta.min_confidence if self.router is not None else 1.0
         tasks = self.pool.tasks
         out = []
         for start in range(0, len(calls), MAX_ROUTE_BATCH):

@@ -158,11 +158,6 @@ class RouterMeta(BaseModel):
     )
     classes: list[str] = Field(description="Task ids and `LLM`, in the weights' row order.")
 
-    def __getitem__(self, key: str) -> Any:
-        # Only for slmify/endtoend.py's `router.meta["min_confidence"]` (the lead's file, not
-        # converted in the same change); read the attribute everywhere else.
-        return getattr(self, key)
-
 
 # -- S4/S5 train --------------------------------------------------------------------------
 

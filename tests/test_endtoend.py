@@ -199,7 +199,7 @@ def _oracle(monkeypatch: pytest.MonkeyPatch, ws: Path) -> None:
         for p in (ws / "specialists").glob("*/pruning.json")
     ]
 
-    def answer(self, prompt, use_adapter, max_new_tokens=None, shape="tool_call"):  # noqa: ANN001, ANN202
+    def answer(self, prompt, use_adapter, max_new_tokens=None, shape="tool_call", grammar=None):  # noqa: ANN001, ANN202, E501
         if not answers:
             with open_store(str(ws / "calls.db")) as st:
                 for stored in st.iter_calls():
