@@ -91,7 +91,9 @@ def main() -> None:
         mine = [c for c in calls if tool_of(c) == tool]
         task = TaskCluster(id=f"t-{tool}", label=tool, output_shape="tool_call", calls=n, share=0)
         for name, sets in POLICIES.items():
-            recipe = load_recipe("cpu-smollm2-135m", [f"train.max_minutes={a.minutes}", *sets])
+            # A LoRA whatever the task: a field head reads no context policy.
+            overrides = [f"train.max_minutes={a.minutes}", "structured.specialist=lora", *sets]
+            recipe = load_recipe("cpu-smollm2-135m", overrides)
             plan = plan_training(info, recipe, "cpu")
             out = Path(tempfile.mkdtemp(prefix="bench-context-"))
             result = train_task(task, mine, recipe, info, tokenizer, plan, out)
