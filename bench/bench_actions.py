@@ -42,9 +42,7 @@ from bench_routing import (
 from bench_routing import candidate_docs as routing_docs
 
 from slmify.fieldfit import fit_field_head
-from slmify.fieldhead import FieldHead, FieldHeadError, candidates, previous_values
-from slmify.fieldhead import candidate_features as pointer_features
-from slmify.labelhead import softmax
+from slmify.fieldhead import FieldHead, FieldHeadError
 from slmify.router import load_router
 from slmify.schema import CallRecord
 from slmify.store import open_store
@@ -59,17 +57,11 @@ def evidence(head: FieldHead, call: CallRecord) -> list[float]:
     for path, leaf in head.meta["leaves"].items():
         if leaf["kind"] != "copy":
             continue
-        found = list(candidates(call.request, leaf["shapes"]).values())
-        if not found:
+        best, p, used_any = head.pointer(call.request, name, path, leaf)
+        if best is None:
             found_all, probability = 0.0, 0.0
             continue
-        used_any, used_same = previous_values(call.request, name, path)
-        w = head.weights[path]
-        p = softmax(
-            w.logits(w.sparse([pointer_features(c, used_any, used_same) for c in found]))[:, 0]
-        )
-        best = found[int(p.argmax())]
-        probability *= float(p.max())
+        probability *= p
         last += min(o.distance for o in best.occurrences) == 0
         used += best.text in used_any
         fields += 1

@@ -336,15 +336,21 @@ class FieldHead:
         return render(*fill(form, values)), probability, None
 
     def _copy(self, request, name, path, leaf) -> tuple[str | None, float]:
+        best, probability, _ = self.pointer(request, name, path, leaf)
+        return (best.text if best else None), probability
+
+    def pointer(self, request, name, path, leaf) -> tuple[Candidate | None, float, set[str]]:  # noqa: ANN001
+        """The copy leaf's pick among the request's candidates (None: there is none), its
+        probability, and the values earlier tool calls already used."""
         found = list(candidates(request, leaf["shapes"]).values())
         if not found:
-            return None, 0.0
+            return None, 0.0, set()
         used, same = previous_values(request, name, path)
         w = self.weights[path]
         X = w.sparse([candidate_features(c, used, same) for c in found])
         p = softmax(w.logits(X)[:, 0])
         best = int(p.argmax())
-        return found[best].text, float(p[best])
+        return found[best], float(p[best]), used
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
