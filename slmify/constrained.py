@@ -10,7 +10,8 @@ it gives one. Labels and free text are not constrained.
 The grammar is an xgrammar structural tag (`output_grammar`): a plain JSON value that
 `Grammars` compiles for a tokenizer here (slmify.runtime masks each greedy step with it)
 and that vLLM takes as it is (`structured_outputs.structural_tag`, slmify.backends), so
-in-process and remote generation are held to the same grammar. Reads and writes nothing.
+in-process and remote generation are held to the same grammar. Reads nothing but a
+specialist's recipe (`recipe_constrains`); writes nothing.
 
 A schema xgrammar cannot compile (a regex feature it lacks, a dangling `$ref`) raises
 `GrammarError` with xgrammar's reason; the pool then generates that task unconstrained and
@@ -122,8 +123,9 @@ def compiled_grammar(
 
 def recipe_constrains(adapter: Path | None) -> bool:
     """Whether the recipe an adapter was trained with (recipe.yaml in its specialist's
-    folder, which eval reads too) constrains generation; yes where there is none. Eval and
-    serve both build their pool from that folder, so both generate under the same rule."""
+    folder) constrains generation; yes where there is none. Eval reads it here, and
+    `slmify manifest` copies it into the manifest's `constrained`, which serve reads, so
+    both generate under the same rule; serve reads it here only for an older manifest."""
     from slmify.recipes import read_generate_config
     from slmify.workspace import RECIPE_FILE
 

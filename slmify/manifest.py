@@ -323,8 +323,9 @@ def router_spec(ws_root: Path) -> RouterSpec | None:
 
 
 def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
-    """What serving needs to load and prompt the specialist exactly as it was evaluated."""
-    from slmify.recipes import read_recipe_sections
+    """What serving needs to load, prompt and decode the specialist exactly as it was
+    evaluated: serve reads this and the folders it names, never the train stage's files."""
+    from slmify.recipes import read_generate_config, read_recipe_sections
 
     pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
     max_new_tokens = read_recipe_sections(folder / RECIPE_FILE)[0].max_new_tokens
@@ -376,6 +377,7 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
         ),
         pruning=pruning,
         max_new_tokens=max_new_tokens,
+        constrained=read_generate_config(folder / RECIPE_FILE).constrained,
     )
 
 

@@ -273,6 +273,12 @@ class SpecialistSpec(BaseModel):
         "eval); serving rebuilds the evaluated prompt from it. Null in older manifests.",
     )
     max_new_tokens: int | None = Field(default=None, description="The evaluated generation cap.")
+    constrained: bool | None = Field(
+        default=None,
+        description="Whether a LoRA specialist generates tool calls and JSON under a grammar "
+        "(the recipe's generate.constrained), as it was evaluated. Null for heads, which do "
+        "not generate, and in older manifests (serve then reads the recipe beside the adapter).",
+    )
 
 
 class TaskEvaluation(BaseModel):

@@ -1,10 +1,11 @@
 """S6 serve, the local half: the promoted specialists answering requests, and the checks
 that keep each one to what it was trained for.
 
-Reads the manifest's tasks (`task_runtimes`: the pruning, generation cap and confidence
-threshold they were evaluated with, all in the manifest) and the adapter or head folders it
-names; eval builds the same runtimes from the train stage's folders. Writes
-nothing.
+Reads the manifest's tasks (`task_runtimes`: the pruning, generation cap, constrained
+decoding and confidence threshold they were evaluated with, all in the manifest) and the
+adapter or head folders it names, nothing else (a manifest older than those fields: the
+train stage's files beside the adapter, as serve read them then); eval builds the same
+runtimes from the train stage's folders. Writes nothing.
 
 Each base model is loaded once (`slmify.runtime.Specialist`: float weights on the GPU when
 there is one, greedy decoding, the template's end of turn as the stop, a confidence from the
@@ -14,11 +15,11 @@ switches to its task's adapter with `set_adapter`. peft has one active adapter p
 so switching and generating happen under one lock. The prompt is built exactly as in training and
 evaluation (`build_prompt` with the task's pruning, the model's chat template) and read back
 with `parse_output`. A LoRA task's tool calls and JSON are generated under a grammar of the
-offered tools' schemas or of JSON (slmify.constrained; the recipe's `generate.constrained`),
-in-process and on a backend alike. A head task answers without generating: a label head
-(slmify.labelhead) with the most likely label of its closed set, a field head
-(slmify.fieldhead) with the most likely tool call or JSON assembled field by field; the
-probability is the confidence.
+offered tools' schemas or of JSON (slmify.constrained; the recipe's `generate.constrained`,
+carried by the manifest), in-process and on a backend alike. A head task answers without
+generating: a label head (slmify.labelhead) with the most likely label of its closed set, a
+field head (slmify.fieldhead) with the most likely tool call or JSON assembled field by
+field; the probability is the confidence.
 
 An answer goes out as an OpenAI `chat.completion` with usage (`completion_body`), or as the
 `chat.completion.chunk` events of a stream (`slmify.sse.sse_events`).
@@ -90,6 +91,10 @@ class TaskRuntime:
     pruning: PromptPruning
     max_new_tokens: int  # the generation cap it was evaluated with
     threshold: float | None = None  # the calibrated confidence threshold; None: no deferral
+    # Whether a LoRA task generates under a grammar (the recipe's generate.constrained);
+    # None: the pool reads the recipe beside the adapter (eval's runtimes, built from the
+    # train stage's folder).
+    constrained: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class Answer:
     output_tokens: int
     latency_ms: float
     confidence: float
+    # Why it was generated without its grammar (one xgrammar cannot compile); None: it was not.
+    unconstrained: str | None = None
 
 
 def offered_specs(request: ChatRequest) -> list[dict[str, Any]]:
@@ -128,6 +135,12 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
         pruning, max_new_tokens = spec.pruning, spec.max_new_tokens
         if pruning is None or max_new_tokens is None:
             pruning, max_new_tokens = _legacy_prompting(task.id, Path(spec.adapter_path))
+        constrained = spec.constrained
+        if constrained is None and spec.kind == "lora":
+            # A manifest older than `constrained`: its recipe decides, as serve read it then.
+            from slmify.constrained import recipe_constrains
+
+            constrained = recipe_constrains(Path(spec.adapter_path))
         out.append(
             TaskRuntime(
                 id=task.id,
@@ -139,6 +152,7 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
                 pruning=pruning,
                 max_new_tokens=max_new_tokens,
                 threshold=serving_threshold(task.deferral),
+                constrained=constrained,
             )
         )
     return out
@@ -295,9 +309,14 @@ class SpecialistPool:
 
         self.tasks = {t.id: t for t in tasks}
         self.lock = threading.Lock()
-        # Per LoRA task, whether its recipe constrains generation (`generate.constrained`),
-        # and why a task whose grammar did not compile was generated unconstrained.
-        self.constrained = {t.id: recipe_constrains(t.adapter) for t in tasks if t.kind == "lora"}
+        # Per LoRA task, whether it generates under a grammar (`generate.constrained`: the
+        # manifest's, or the recipe's for eval), and why a task whose grammar did not
+        # compile was generated unconstrained.
+        self.constrained = {
+            t.id: recipe_constrains(t.adapter) if t.constrained is None else t.constrained
+            for t in tasks
+            if t.kind == "lora"
+        }
         self.unconstrained: dict[str, str] = {}
         self._models: dict[str, Specialist] = {}
         self._adapter_name: dict[str, str] = {}
@@ -337,7 +356,7 @@ class SpecialistPool:
             raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
         t0 = time.perf_counter()
         name = self._adapter_name[task_id]
-        grammar = self._grammar(task, request, spec)
+        grammar, failed = self._grammar(task, request, spec)
         shape = task.output_shape
         if spec.remote:  # a server batches concurrent calls itself: no lock, no selection
             generated = spec.answer(prompt, use_adapter, cap, shape, grammar, adapter=name)
@@ -362,16 +381,19 @@ class SpecialistPool:
             output_tokens=tokens,
             latency_ms=round(latency_ms, 3),
             confidence=generated.confidence,
+            unconstrained=failed,
         )
 
-    def _grammar(self, task: TaskRuntime, request: ChatRequest, spec: Any) -> dict | None:
+    def _grammar(
+        self, task: TaskRuntime, request: ChatRequest, spec: Any
+    ) -> tuple[dict | None, str | None]:
         """The grammar this answer is generated under (slmify.constrained), or None: not
         constrained by the recipe, a label or free text, or a grammar that does not compile
-        (the reason in `unconstrained`, logged once per task and reason)."""
+        (the reason returned too, kept in `unconstrained`, logged once per task and reason)."""
         from slmify.constrained import compiled_grammar
 
         if not self.constrained.get(task.id):
-            return None
+            return None, None
         tools, fmt = offered_specs(request), _response_format(request)
         grammar, failed = compiled_grammar(
             spec, task.output_shape, tools, _forced_tool(request), fmt
@@ -379,7 +401,7 @@ class SpecialistPool:
         if failed and self.unconstrained.get(task.id) != failed:
             log.warning("task %s generates unconstrained: %s", task.id, failed)
             self.unconstrained[task.id] = failed
-        return grammar
+        return grammar, failed
 
     def _head_answer(self, task: TaskRuntime, request: ChatRequest) -> Answer:
         """A head's answer: a label head's most likely label, or a field head's most likely

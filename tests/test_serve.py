@@ -704,3 +704,103 @@ def test_cli_names_a_missing_manifest(tmp_path):
         app, ["serve", "--manifest", str(missing), "--upstream", "http://127.0.0.1:9/v1"]
     )
     assert result.exit_code == 1 and f"error: no such file: {missing}" in result.output
+
+
+# -- the manifest is the whole deployment contract ------------------------------------------
+
+
+def test_serve_reads_only_the_manifest_and_what_it_names(demo_trained, tmp_path, tiny_base):
+    """`slmify manifest` on the demo as cluster and train left it, one task trained with
+    `generate.constrained=false`; then everything the manifest does not name is deleted
+    (each specialist's recipe.yaml, pruning.json, splits, dataset, result; the tasks and
+    assignments): serve still loads it, each task prompted, capped and decoded as eval's
+    runtime built from the train stage's files, and answers as that runtime does."""
+    import shutil
+
+    from conftest import TINY_TRAIN, run_cli, sets
+
+    from slmify.evaluate import trained_task
+    from slmify.manifest import read_manifest
+    from slmify.serve import load_service
+    from slmify.workspace import Workspace
+
+    root = tmp_path / "ws"
+    shutil.copytree(demo_trained, root)
+    ws = Workspace.at(root)
+    tasks = ws.tasks()
+    lora = [t.id for t in tasks if ws.result(t.id).kind == "lora" and t.output_shape != "text"]
+    free = lora[0]
+    overrides = [f"model.base={tiny_base}", *TINY_TRAIN, "generate.constrained=false"]
+    run_cli("train", "-w", str(root), "--task", free, *sets(overrides))
+    run_cli("manifest", "-w", str(root))
+    runtimes = {
+        t.id: rt.runtime() for t in tasks if not isinstance(rt := trained_task(root, t), str)
+    }
+    evals = SpecialistPool(list(runtimes.values()))
+    assigned = ws.assigned()
+    requests = {}
+    with open_store(str(root / "calls.db")) as st:
+        for stored in st.iter_calls():
+            task_id = assigned.get(stored.record.id)
+            if task_id in runtimes and task_id not in requests:
+                requests[task_id] = stored.record.request
+    for task in tasks:
+        folder = ws.specialist_dir(task.id)
+        for path in folder.iterdir():
+            if path.name not in ("adapter", "head"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ws.tasks_file().unlink()
+    ws.assignments_file().unlink()
+
+    manifest = read_manifest(root / "manifest.yaml")
+    specs = {t.id: t.specialist for t in manifest.tasks if t.specialist}
+    assert {t: s.constrained for t, s in specs.items() if s.kind == "lora"} == {
+        t: t != free for t in runtimes if runtimes[t].kind == "lora"
+    }
+    with open_store(str(tmp_path / "served.db")) as st:
+        # Shadow mode loads every trained specialist, promoted or not (none is: no eval).
+        service = load_service(root / "manifest.yaml", st, "http://127.0.0.1:9/v1", 10, 1.0)
+        service.writer.close()
+    pool = service.pool
+    assert set(pool.tasks) == set(runtimes) and service.router is not None
+    assert pool.constrained == evals.constrained and pool.constrained[free] is False
+    for task_id, runtime in runtimes.items():
+        served = pool.tasks[task_id]
+        assert (served.pruning, served.max_new_tokens) == (runtime.pruning, runtime.max_new_tokens)
+        answer = pool.answer(task_id, requests[task_id])
+        expected = evals.answer(task_id, requests[task_id])
+        assert (answer.text, answer.confidence) == (expected.text, expected.confidence)
+
+
+def test_an_older_manifest_reads_the_train_stages_files_as_serve_did(deployment, tmp_path):
+    """A manifest written before it carried the pruning, the cap and `constrained` (the
+    deployment fixture's, by hand) is served from the recipe and pruning.json beside the
+    adapter; a current entry needs neither."""
+    import shutil
+
+    spec = next(t.specialist for t in deployment.manifest.tasks if t.id == TOOL)
+    assert spec.pruning is None and spec.max_new_tokens is None and spec.constrained is None
+    folder = tmp_path / TOOL
+    shutil.copytree(Path(spec.adapter_path).parent, folder)
+    recipe = "eval: {max_new_tokens: 5}\ngenerate: {constrained: false}\n"
+    (folder / "recipe.yaml").write_text(recipe)
+    legacy = spec.model_copy(update={"adapter_path": str(folder / "adapter")})
+
+    def runtime(spec: SpecialistSpec):  # noqa: ANN202
+        task = next(t for t in deployment.manifest.tasks if t.id == TOOL)
+        entry = task.model_copy(update={"specialist": spec})
+        return task_runtimes(deployment.manifest.model_copy(update={"tasks": [entry]}))[0]
+
+    old = runtime(legacy)
+    assert (old.max_new_tokens, old.constrained) == (5, False)
+    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
+    assert old.pruning == pruning
+    current = legacy.model_copy(
+        update={"pruning": pruning, "max_new_tokens": 7, "constrained": True}
+    )
+    (folder / "recipe.yaml").unlink()
+    (folder / "pruning.json").unlink()
+    new = runtime(current)
+    assert (new.pruning, new.max_new_tokens, new.constrained) == (pruning, 7, True)
+    with pytest.raises(FileNotFoundError, match="run `slmify manifest` again"):
+        runtime(legacy)
