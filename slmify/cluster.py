@@ -89,7 +89,14 @@ class ClusterConfig(BaseModel):
     sample_size: int = Field(5000, ge=100)
     seed: int = 0
     router_min_confidence: float = Field(0.5, ge=0, le=1)
-    holdout_share: float = Field(0.2, gt=0, lt=1)
+    holdout_share: float = Field(
+        0.35,
+        gt=0,
+        lt=1,
+        description="Sessions placed below this (datasets.hash_unit, the train stage's split "
+        "hash) are never fitted by the router and score it: keep it at the train recipe's "
+        "dataset.test_fraction + calibration_fraction so eval replays only unseen sessions.",
+    )
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @field_validator("algorithm")

@@ -3,7 +3,7 @@
 `slmify cluster` fits it on input-only features (agent identity, the task statement's
 answer format, the last turn's role, the agent's previous action, and the projected
 embeddings of the task statement and last turn) against the clustering's own
-assignment, scores it on held-out sessions, then refits on all calls and saves it to
+assignment, on the sessions eval never replays, scores it on those eval replays, and saves it to
 WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes, vocabularies, settings,
 held-out score; read and written by slmify.workspace, strictly) and `router.npz` (the
 projections and the logistic-regression weights). No pickle: both files are inspectable
@@ -197,14 +197,21 @@ def fit_router(
     turn_vecs: np.ndarray,
     projections: tuple[Projection, Projection],
     settings: dict[str, Any],
-    holdout_share: float,
+    held_out_share: float,
     seed: int,
 ) -> Router:
-    """Score on held-out sessions, then refit on all calls.
+    """Fit on the sessions eval never replays; score on the ones it does.
 
-    `settings` carries what routing needs besides the weights (embedding model and
-    length, shared lines, minimum confidence); the held-out score joins the metadata.
+    A session's place is `datasets.hash_unit(session)`, the hash the train stage splits
+    sessions by (test first, then calibration): sessions placed below `held_out_share`
+    (the train recipe's test + calibration fractions) are held out of the fit, so eval's
+    routing figures are on calls the router never saw. When every session is held out
+    (a tiny log), the router is fitted on all of them and its metadata says so
+    (`held_out_share` None). `settings` carries what routing needs besides the weights
+    (embedding model and length, shared lines, minimum confidence).
     """
+    from slmify.datasets import hash_unit
+
     inputs = [v.inputs for v in views]
     meta = RouterMeta(
         **settings,
@@ -218,10 +225,20 @@ def fit_router(
         inputs, meta.identities, meta.previous_actions, task_proj(task_vecs), turn_proj(turn_vecs)
     )
     y = np.array([t or LLM for t in task_of])
-    holdout = _holdout(meta, projections, X, y, [v.session for v in views], holdout_share, seed)
-    classes, coef, intercept = _fit_linear(X, y, seed)
-    meta = meta.model_copy(update={"holdout": holdout, "classes": classes})
-    return Router(meta, task_proj, turn_proj, coef, intercept)
+    held = np.array([hash_unit(v.session) < held_out_share for v in views], dtype=bool)
+    if held.all():  # a tiny log: nothing left to fit on but the held-out sessions
+        held[:] = False
+        share, holdout = None, {"accuracy": None, "reason": "every session is held out"}
+    else:
+        share, holdout = held_out_share, {}
+    classes, coef, intercept = _fit_linear(X[~held], y[~held], seed)
+    meta = meta.model_copy(update={"classes": classes, "held_out_share": share})
+    router = Router(meta, task_proj, turn_proj, coef, intercept)
+    if not holdout:
+        sessions = [views[i].session for i in np.flatnonzero(held)]
+        holdout = _holdout(router, X[held], y[held], sessions)
+    router.meta = meta.model_copy(update={"holdout": holdout})
+    return router
 
 
 def _fit_linear(X: np.ndarray, y: np.ndarray, seed: int):
@@ -237,24 +254,18 @@ def _fit_linear(X: np.ndarray, y: np.ndarray, seed: int):
     return classes, coef.astype(np.float32), intercept.astype(np.float32)
 
 
-def _holdout(meta: RouterMeta, projections, X, y, sessions, share, seed) -> dict[str, Any]:
-    """Accuracy on sessions never seen in fitting, against the clustering's assignment."""
-    from sklearn.model_selection import GroupShuffleSplit
-
-    if len(set(sessions)) < 5:
-        return {"accuracy": None, "reason": "fewer than 5 sessions: nothing to hold out"}
-    split = GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed)
-    train, test = next(split.split(X, groups=sessions))
-    classes, coef, intercept = _fit_linear(X[train], y[train], seed)
-    probe = Router(meta.model_copy(update={"classes": classes}), *projections, coef, intercept)
-    predicted, _ = probe.predict(X[test])
-    truth = [None if t == LLM else t for t in y[test]]
+def _holdout(router: Router, X: np.ndarray, y: np.ndarray, sessions: list[str]) -> dict[str, Any]:
+    """Accuracy on the held-out sessions, against the clustering's assignment."""
+    if not len(y):
+        return {"accuracy": None, "reason": "no session placed below holdout_share"}
+    predicted, _ = router.predict(X)
+    truth = [None if t == LLM else t for t in y]
     hits = [p == t for p, t in zip(predicted, truth, strict=True)]
     routed = [p is not None for p in predicted]
     return {
         "accuracy": round(float(np.mean(hits)), 4),
-        "test_calls": len(test),
-        "test_sessions": len({sessions[i] for i in test}),
+        "test_calls": len(y),
+        "test_sessions": len(set(sessions)),
         "routed_share": round(float(np.mean(routed)), 4),
         "accuracy_when_routed": round(
             float(np.mean([h for h, r in zip(hits, routed, strict=True) if r])), 4

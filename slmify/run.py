@@ -82,12 +82,13 @@ def run_pipeline(
     """
     cfg = load_config(config_path)
     base = config_path.resolve().parent
+    recipe = resolve_recipe(cfg.train, base)
     pipeline = Pipeline(
         ws=ws,
         cfg=cfg,
         sources=resolve_sources(cfg.sources, base),
-        cluster_config=resolve_cluster_recipe(cfg.cluster, base),
-        recipe=resolve_recipe(cfg.train, base),
+        cluster_config=resolve_cluster_recipe(cfg.cluster, base, recipe),
+        recipe=recipe,
         state=ws.run_state(),
         progress=progress,
         announce=announce,

@@ -89,14 +89,22 @@ def resolve_sources(patterns: list[str], base: Path) -> list[Path]:
     return paths
 
 
-def resolve_cluster_recipe(cfg: ClusterRunConfig, base: Path) -> ClusterConfig:
-    """The cluster recipe with its overrides."""
+def resolve_cluster_recipe(
+    cfg: ClusterRunConfig, base: Path, recipe: Recipe | None = None
+) -> ClusterConfig:
+    """The cluster recipe with its overrides. With the train `recipe`, the router holds out
+    at least the sessions its test and calibration splits take, so that eval never replays
+    a session the router was fitted on."""
     from slmify.cluster import ClusterError, load_cluster_config
 
     try:
-        return load_cluster_config(_relative_recipe(cfg.recipe, base), cfg.overrides)
+        config = load_cluster_config(_relative_recipe(cfg.recipe, base), cfg.overrides)
     except ClusterError as e:
         raise RunConfigError(f"cluster.recipe: {e}") from None
+    if recipe is None:
+        return config
+    held_out = recipe.dataset.test_fraction + recipe.dataset.calibration_fraction
+    return config.model_copy(update={"holdout_share": max(config.holdout_share, held_out)})
 
 
 def resolve_recipe(cfg: TrainRunConfig, base: Path) -> Recipe:

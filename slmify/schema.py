@@ -157,6 +157,12 @@ class RouterMeta(BaseModel):
         description="Accuracy on held-out sessions, or why there is none (`reason`)."
     )
     classes: list[str] = Field(description="Task ids and `LLM`, in the weights' row order.")
+    held_out_share: float | None = Field(
+        None,
+        description="Sessions placed below this by datasets.hash_unit were never fitted "
+        "(eval replays them); None: fitted on every call (a router written before this "
+        "field, or a log whose every session is held out).",
+    )
 
 
 # -- S4/S5 train --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from slmify.cli import app
 from slmify.cluster import ClusterConfig, ClusterError, cluster_store, load_cluster_config
 from slmify.collect import import_files
+from slmify.datasets import hash_unit
 from slmify.embed import Embedder
 from slmify.router import load_router
 from slmify.schema import ChatRequest, message_text
@@ -139,6 +140,21 @@ def test_router_roundtrip(tau: tuple[Workspace, dict]) -> None:
     assert [c for _, c in together[:-1]] == pytest.approx([c for _, c in routed], abs=0.01)
 
 
+def test_the_router_never_fits_the_sessions_eval_replays(tau: tuple[Workspace, dict]) -> None:
+    ws, summary = tau
+    router = load_router(summary["router"])
+    assert router.meta.held_out_share == ClusterConfig().holdout_share == 0.35
+    # Its score is on exactly the sessions the train stage's split hash holds out (test
+    # and calibration under the shipped recipes' fractions), every call of them.
+    with open_store(ws.store_url) as st:
+        clustered = [st.get_call(cid).record for cid in ws.assignments()]
+    held = [c for c in clustered if hash_unit(c.session_id or c.id) < 0.35]
+    assert held and len(held) < len(clustered)
+    holdout = router.meta.holdout
+    assert holdout["test_calls"] == len(held)
+    assert holdout["test_sessions"] == len({c.session_id for c in held})
+
+
 def test_bad_input_gets_a_clear_message_and_writes_nothing(tmp_path: Path) -> None:
     runner = CliRunner()
     ws = tmp_path / "ws"
@@ -215,3 +231,18 @@ def test_fast_embedding_keeps_the_vectors(tau: tuple[Workspace, dict]) -> None:
     slow, fast = Embedder().encode(texts), Embedder(fast=True).encode_few(texts)
     assert fast.shape == slow.shape and not fast[-1].any()
     assert ((slow[:-1] * fast[:-1]).sum(axis=1) > 0.999).all()
+
+
+def test_run_holds_out_what_the_train_recipe_replays(tmp_path: Path) -> None:
+    """`slmify run` widens the router's held-out share to the train recipe's test and
+    calibration fractions; a share already wider stays."""
+    from slmify.recipes import load_recipe
+    from slmify.runconfig import ClusterRunConfig, resolve_cluster_recipe
+
+    recipe = load_recipe(
+        "cpu-smollm2-135m", ["dataset.test_fraction=0.3", "dataset.calibration_fraction=0.2"]
+    )
+    config = resolve_cluster_recipe(ClusterRunConfig(), tmp_path, recipe)
+    assert config.holdout_share == pytest.approx(0.5)
+    wide = ClusterRunConfig(overrides=["holdout_share=0.6"])
+    assert resolve_cluster_recipe(wide, tmp_path, recipe).holdout_share == 0.6

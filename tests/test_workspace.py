@@ -98,8 +98,11 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
         "classes": ["LLM", "t01-book"],
     }
     path = ws.router_dir() / "router.json"
-    assert path.read_text(encoding="utf-8") == json.dumps(old, indent=1)
+    assert path.read_text(encoding="utf-8") == json.dumps(old | {"held_out_share": None}, indent=1)
     assert type(ws.router_meta().holdout["test_calls"]) is int
+    # A router written before held_out_share: fitted on every call, as it then was.
+    path.write_text(json.dumps(old, indent=1), encoding="utf-8")
+    assert ws.router_meta() == meta and ws.router_meta().held_out_share is None
     # What tests/test_run.py forged before: no version, no vocabularies.
     path.write_text(json.dumps({**ROUTER_SETTINGS, "schema_version": 1, "classes": []}))
     with pytest.raises(WorkspaceError) as e:
