@@ -13,15 +13,22 @@ same way with every trained specialist answering, and fits per task the lowest c
 threshold at which the lower bound of agreement on the answers above it clears the task's
 target (slmify.gate.fit_threshold).
 
+A task whose agreement cannot be decided (free text without a judge or
+eval.text_similarity) can never be promoted: calibration does not ask it, and the test
+replay asks it only a sample of the calls routed to it (eval.undecidable_sample, drawn by
+the recipe's seed), for its report's similarity figures; the rest are recorded as staying
+on the LLM, as they would be served.
+
 Reads the calls from the store and each task's splits (which sessions are held out);
 writes nothing itself: slmify.evaluate writes what these functions return.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import hashlib
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slmify.decision import Decision, answer_decision, combined_confidence, route_decision
@@ -40,6 +47,7 @@ from slmify.schema import (
 from slmify.specialists import Answer, OutOfScope, SpecialistPool
 
 LLM = "llm"
+UNDECIDABLE = "not-promoted: free text without a judge or eval.text_similarity"
 
 
 def held_out(store: Any, sessions: set[str], ids: set[str]) -> list[CallRecord]:
@@ -81,6 +89,8 @@ class Replay:
     encoder: Encoder
     judge: Callable[[CallRecord, str], float | None] | None
     cluster_task: dict[str, str]
+    # Per undecidable task, (calls asked, calls routed to it) of the last test replay.
+    samples: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def decidable(self, task_id: str) -> bool:
         """Whether agreement with the LLM can be decided for this task's answers: free text
@@ -99,8 +109,27 @@ class Replay:
         tick: Callable[[], None] = lambda: None,
     ) -> list[ReplayedCall]:
         """Each call through the decision path. Calibrating, a task whose agreement cannot
-        be decided is not asked (nothing to fit); testing, the base model of a LoRA
-        specialist answers too where its recipe's eval.compare_base says so."""
+        be decided is not asked (nothing to fit); testing, it is asked a sample of its calls
+        (`sampled`), and the base model of a LoRA specialist answers too where its recipe's
+        eval.compare_base says so."""
+        decisions = self.route(calls)
+        if calibrating:
+            decisions = [
+                replace(d, task_id=None, reason=UNDECIDABLE)
+                if d.task_id and not self.decidable(d.task_id)
+                else d
+                for d in decisions
+            ]
+        else:
+            decisions = self.sampled(calls, decisions)
+        out = []
+        for call, decision in zip(calls, decisions, strict=True):
+            out.append(self.answer(call, decision, compare_base=not calibrating))
+            tick()
+        return out
+
+    def route(self, calls: list[CallRecord]) -> list[Decision]:
+        """Where each call goes before any specialist answers (router, scope checks)."""
         threshold = self.router.meta.min_confidence if self.router is not None else 1.0
         tasks = self.pool.tasks
         out = []
@@ -111,12 +140,27 @@ class Replay:
             else:
                 routes = self.router.route_many([c.request for c in batch])
             for call, (picked, conf) in zip(batch, routes, strict=True):
-                decision = route_decision(call.request, picked, conf, threshold, tasks, tasks)
-                if calibrating and decision.task_id and not self.decidable(decision.task_id):
-                    reason = "not-promoted: free text without a judge or eval.text_similarity"
-                    decision = replace(decision, task_id=None, reason=reason)
-                out.append(self.answer(call, decision, compare_base=not calibrating))
-                tick()
+                out.append(route_decision(call.request, picked, conf, threshold, tasks, tasks))
+        return out
+
+    def sampled(self, calls: list[CallRecord], decisions: list[Decision]) -> list[Decision]:
+        """`decisions` with each undecidable task asked at most its eval.undecidable_sample
+        of the calls routed to it, the first by a hash of the recipe's seed and the call id
+        (reruns ask the same calls); the others go to the LLM, as serve would send them."""
+        routed: dict[str, list[int]] = defaultdict(list)
+        for i, d in enumerate(decisions):
+            if d.task_id and not self.decidable(d.task_id):
+                routed[d.task_id].append(i)
+        self.samples = {}
+        out = list(decisions)
+        for task_id, rows in routed.items():
+            cfg = self.cfgs[task_id]
+            ranked = sorted(rows, key=lambda i: (_draw(cfg.seed, calls[i].id), i))
+            asked = ranked[: cfg.undecidable_sample]
+            self.samples[task_id] = (len(asked), len(rows))
+            reason = f"{UNDECIDABLE} (answered a sample of {len(asked)} of {len(rows)})"
+            for i in ranked[cfg.undecidable_sample :]:
+                out[i] = replace(decisions[i], task_id=None, reason=reason)
         return out
 
     def answer(self, call: CallRecord, decision: Decision, compare_base: bool) -> ReplayedCall:
@@ -171,7 +215,14 @@ class Replay:
             output_tokens=answer.output_tokens,
             judge=self.judge(call, answer.text) if judged else None,
             confidence=round(answer.confidence, 6),
+            unconstrained=answer.unconstrained,
         )
+
+
+def _draw(seed: int, call_id: str) -> str:
+    """A call's place in a task's sample: the same on every rerun with the same seed,
+    whatever order the store gives the calls in."""
+    return hashlib.sha256(f"{seed}:{call_id}".encode()).hexdigest()
 
 
 # -- calibration --------------------------------------------------------------------------

@@ -11,7 +11,9 @@ what training saw) and the calls from the store.
 2. Test: every call of the held-out test sessions, unassigned calls included, goes the
    same way with those thresholds. Per task, the gate reads what its specialist served
    (routed to it, valid, confident enough): promoted when the lower bound of agreement on
-   those clears the task's threshold with at least `min_test_calls` of them.
+   those clears the task's threshold with at least `min_test_calls` of them. A task that
+   can never be promoted (free text without a judge or eval.text_similarity) answers only
+   a sample of its routed calls (eval.undecidable_sample), which its report says.
 3. The headline: of all held-out calls, the share the promoted specialists answer and
    their agreement with the LLM's logged answers, with and without deferral.
 
@@ -48,6 +50,7 @@ from slmify.schema import (
     TaskCluster,
     message_text,
 )
+from slmify.schema_eval import AnswerSample  # not (yet) gathered in slmify.schema
 from slmify.specialists import TaskRuntime
 from slmify.workspace import Workspace, router_meta_file
 
@@ -259,7 +262,9 @@ def evaluate_workspace(
     by_task = {t.task.id: task_served(rows, t.task.id, t.cfg) for t in trained}
     promoted = set()
     for t in trained:
-        report = _task_report(t, rows, by_task[t.task.id], deferrals[t.task.id], judge, ws_root)
+        sampled = deployment.samples.get(t.task.id)
+        served, deferral = by_task[t.task.id], deferrals[t.task.id]
+        report = _task_report(t, rows, served, deferral, judge, ws_root, sampled)
         announce(describe(report))
         summary["evaluated"] += 1
         if report.decision.status == "promoted":
@@ -303,8 +308,9 @@ def _write_rows(path: Path, rows: list[ReplayedCall]) -> None:
     tmp.replace(path)
 
 
-def _task_report(t, rows, served, deferral, judge, ws_root) -> EvalReport:  # noqa: ANN001
-    """One task's report: what it answered of the test calls routed to it, and the gate."""
+def _task_report(t, rows, served, deferral, judge, ws_root, sampled=None) -> EvalReport:  # noqa: ANN001
+    """One task's report: what it answered of the test calls routed to it, and the gate;
+    `sampled`: (asked, routed) when it was asked only a sample of them."""
     mine = [r for r in rows if r.picked == t.task.id]
     specialist = summarize([r.answer for r in mine if r.answer is not None], t.cfg)
     based = [r.base for r in mine if r.base is not None]
@@ -332,12 +338,37 @@ def _task_report(t, rows, served, deferral, judge, ws_root) -> EvalReport:  # no
         decision=decision,
         deferral=deferral,
         served=served,
+        sample=_sample(sampled),
+        unconstrained=_unconstrained(mine),
         adapter=t.result.adapter or t.result.head,
         calls_file=str(folder / "calls.jsonl"),
         created_at=datetime.now(timezone.utc),
     )
     ws.write_eval_report(report)
     return report
+
+
+def _sample(sampled: tuple[int, int] | None) -> AnswerSample | None:
+    """What the report says of a task asked fewer calls than were routed to it."""
+    if sampled is None or sampled[0] == sampled[1]:
+        return None
+    asked, routed = sampled
+    return AnswerSample(
+        asked=asked,
+        routed=routed,
+        reason=f"free text without an LLM judge or eval.text_similarity can never be "
+        f"promoted: its figures are over a sample of {asked} of the {routed} calls routed "
+        f"to it (eval.undecidable_sample)",
+    )
+
+
+def _unconstrained(rows: list[ReplayedCall]) -> dict[str, list[str]]:
+    """Why the specialist's answers were generated without their grammar: reason -> calls."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if r.answer is not None and r.answer.unconstrained:
+            out.setdefault(r.answer.unconstrained, []).append(r.call_id)
+    return out
 
 
 def gate_score(answer: ModelAnswer) -> float:
@@ -380,8 +411,10 @@ def describe(report: EvalReport) -> str:
     )
     b = report.base.agreement if report.base else None
     base = f", base model {b.mean:.3f} [{b.lower:.3f}, {b.upper:.3f}]" if b else ""
+    sample = f" (a sample of {report.sample.routed} routed)" if report.sample else ""
     return (
-        f"{report.task_id}: n={a.n} answered {a.mean:.3f} [{a.lower:.3f}, {a.upper:.3f}]{base}; "
+        f"{report.task_id}: n={a.n}{sample} answered {a.mean:.3f} [{a.lower:.3f}, "
+        f"{a.upper:.3f}]{base}; "
         f"{served} -> {report.decision.status}: {report.decision.reason}"
     )
 
@@ -403,6 +436,7 @@ def _task_summary(report: EvalReport, report_file: Path) -> dict[str, Any]:
         else None,
         "threshold": report.deferral.threshold if report.deferral else None,
         "served": report.served.model_dump() if report.served else None,
+        "sample": report.sample.model_dump() if report.sample else None,
         "specialist_latency_ms_p50": report.specialist.latency_ms_p50,
         "specialist_tokens_per_s": report.specialist.tokens_per_s,
         "llm_latency_ms_p50": report.llm_latency_ms_p50,

@@ -52,6 +52,13 @@ class EvalConfig(BaseModel):
         description="Free text without a judge agrees when its similarity reaches this; "
         "unset, free-text tasks stay on the LLM unless an LLM judge is given.",
     )
+    undecidable_sample: int = Field(
+        24,
+        ge=0,
+        description="A task whose agreement cannot be decided (free text without a judge or "
+        "text_similarity) can never be promoted: it answers at most this many of the test "
+        "calls routed to it (a sample by `seed`), for its report's similarity figures.",
+    )
     seed: int = 0
 
     @field_validator("thresholds")

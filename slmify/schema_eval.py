@@ -38,6 +38,11 @@ class ModelAnswer(BaseModel):
     confidence: float | None = Field(
         default=None, description="The model's own confidence in this answer (slmify.runtime)."
     )
+    unconstrained: str | None = Field(
+        default=None,
+        description="Why it was generated without its grammar (slmify.constrained: a schema "
+        "xgrammar cannot compile); null: under its grammar, or none applies.",
+    )
 
 
 class CallEval(BaseModel):
@@ -142,6 +147,7 @@ class EndToEnd(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    schema_version: int = SCHEMA_VERSION
     split: str = Field(description="Which held-out sessions: test.")
     sessions: int
     calls: int
@@ -179,6 +185,21 @@ class EndToEnd(BaseModel):
         )
 
 
+class AnswerSample(BaseModel):
+    """The test calls a task answered when its agreement cannot be decided (free text
+    without a judge or eval.text_similarity): it can never be promoted, so it answers a
+    sample of them (eval.undecidable_sample), for its similarity figures alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    asked: int = Field(description="Calls it was asked to answer: the sample.")
+    routed: int = Field(
+        description="Calls routed to it past the router's threshold and the scope checks, "
+        "which it would otherwise all have answered."
+    )
+    reason: str
+
+
 class EvalReport(BaseModel):
     """`eval/<task id>/report.json`: what `slmify eval` measured on one task's test split."""
 
@@ -195,6 +216,16 @@ class EvalReport(BaseModel):
     deferral: Deferral | None = None
     served: TaskServed | None = Field(
         default=None, description="On the held-out test sessions, through the router."
+    )
+    sample: AnswerSample | None = Field(
+        default=None,
+        description="Set when the specialist's figures are over a sample of its routed "
+        "calls; null: it answered every one.",
+    )
+    unconstrained: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Why answers were generated without their grammar: reason -> the test "
+        "call ids (constrained decoding fell back; slmify.constrained).",
     )
     adapter: str
     calls_file: str

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN, sets
+from conftest import DEMO, TINY_TRAIN, sets
 from conftest import run_cli as _cli
 
 from slmify.schema import EndToEnd, EvalReport, ReplayedCall
@@ -275,3 +275,172 @@ def test_specialists_that_match_the_llm_are_promoted_and_serve_from_the_manifest
     assert (
         entry.reason == "the evaluation predates the adapter, retrained since (run `slmify eval`)"
     )
+
+
+def test_the_sample_is_drawn_by_seed_whatever_order_the_calls_come_in() -> None:
+    import gzip
+    import itertools
+
+    from slmify.collect import detect_format, from_openai_log
+    from slmify.decision import Decision
+    from slmify.endtoend import Replay
+    from slmify.gate import EvalConfig
+    from slmify.schema import PromptPruning
+    from slmify.specialists import SpecialistPool, TaskRuntime
+
+    with gzip.open(DEMO, "rt") as f:
+        objs = [json.loads(line) for line in itertools.islice(f, 40)]
+    assert {detect_format(o) for o in objs} == {"openai-log"}
+    calls = [c for o in objs for c in from_openai_log(o, "demo")]
+    pool = SpecialistPool([])  # nothing loaded: sampling reads only the tasks' shapes
+    text = TaskRuntime("t09", "text", "lora", None, None, None, PromptPruning(), 8)
+    pool.tasks["t09"] = text
+    replay = Replay(None, pool, {"t09": EvalConfig(undecidable_sample=7, seed=3)}, None, None, {})
+    routed = Decision("t09", "routed: confidence 0.90 >= 0.50", "t09", 0.9)
+    low = Decision(None, "low-confidence: t09 at 0.20 < 0.50", "t09", 0.2)
+    decisions = [low if i % 4 == 0 else routed for i in range(len(calls))]
+    out = replay.sampled(calls, decisions)
+    asked = {c.id for c, d in zip(calls, out, strict=True) if d.task_id}
+    assert len(asked) == 7 and replay.samples == {"t09": (7, 30)}
+    assert [d for d in out if d is low] == [d for d in decisions if d is low]
+    skipped = [d for d in out if d.task_id is None and d is not low]
+    assert len(skipped) == 23 and {d.picked for d in skipped} == {"t09"}
+    # The same calls however the store orders them; another seed draws others.
+    back = replay.sampled(calls[::-1], decisions[::-1])
+    assert {c.id for c, d in zip(calls[::-1], back, strict=True) if d.task_id} == asked
+    replay.cfgs["t09"] = EvalConfig(undecidable_sample=7, seed=4)
+    other = replay.sampled(calls, decisions)
+    assert {c.id for c, d in zip(calls, other, strict=True) if d.task_id} != asked
+    # Decidable (a similarity threshold set): every routed call is answered.
+    replay.cfgs["t09"] = EvalConfig(undecidable_sample=7, text_similarity=0.8)
+    assert replay.sampled(calls, decisions) == decisions and replay.samples == {}
+
+
+def _set_eval(ws: Path, key: str, value: object) -> None:
+    """Every task's resolved recipe, the one eval reads, with eval.KEY = value."""
+    import yaml
+
+    for recipe in (ws / "specialists").glob("*/recipe.yaml"):
+        data = yaml.safe_load(recipe.read_text())
+        data["eval"][key] = value
+        recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _rows(ws: Path) -> list[ReplayedCall]:
+    path = ws / "eval" / "endtoend" / "test.jsonl"
+    return [ReplayedCall.model_validate_json(line) for line in path.open()]
+
+
+def test_a_task_that_can_never_be_promoted_answers_a_sample_of_its_calls(
+    trained: Path, tmp_path: Path
+) -> None:
+    """Free text without a judge or eval.text_similarity answers eval.undecidable_sample of
+    the calls routed to it; the others stay on the LLM as serve would keep them, and every
+    figure of the headline is what answering all of them gave."""
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, ignore=shutil.ignore_patterns("eval", "manifest.yaml"))
+    _set_eval(ws, "undecidable_sample", 100_000)
+    whole = _cli("eval", "-w", str(ws))
+    all_rows = _rows(ws)
+    _set_eval(ws, "undecidable_sample", 5)
+    sampled = _cli("eval", "-w", str(ws))
+    rows = _rows(ws)
+    reports = {
+        p.parent.name: EvalReport.model_validate_json(p.read_text())
+        for p in (ws / "eval").glob("t*/report.json")
+    }
+    [text] = [t for t, r in reports.items() if r.output_shape == "text"]
+    # Routed to it past the router and the scope checks: answered, or too long for its model.
+    routed = [
+        r
+        for r in all_rows
+        if r.picked == text
+        and (r.answer is not None or r.reason.startswith("out-of-scope: prompt"))
+    ]
+    assert len(routed) > 5
+    report = EvalReport.model_validate_json((ws / "eval" / text / "report.json").read_text())
+    assert (report.sample.asked, report.sample.routed) == (5, len(routed))
+    assert report.specialist.agreement.n == 5
+    assert f"sample of 5 of the {len(routed)} calls routed" in report.sample.reason
+    mine = [r for r in rows if r.picked == text]
+    skipped = [r for r in mine if r.answer is None and "answered a sample" in r.reason]
+    assert len(skipped) == len(routed) - 5
+    assert {r.reason for r in skipped} == {
+        "not-promoted: free text without a judge or eval.text_similarity "
+        f"(answered a sample of 5 of {len(routed)})"
+    }
+    assert all(r.answered_by == "llm" for r in skipped)
+    # The headline, the reasons and each task's routed calls are unchanged.
+    assert sampled["headline"] == whole["headline"]
+    assert sampled["end_to_end"] == whole["end_to_end"]
+    by_task = {t["id"]: t["served"] for t in whole["tasks"]}
+    for t in sampled["tasks"]:
+        assert t["served"]["routed"] == by_task[t["id"]]["routed"]
+        assert t["served"]["served"] == by_task[t["id"]]["served"]
+    # The same calls on a rerun: the sample is drawn by the recipe's seed.
+    _cli("eval", "-w", str(ws), "--task", text)
+    again = {r.call_id for r in _rows(ws) if r.picked == text and r.answer is not None}
+    assert again == {r.call_id for r in mine if r.answer is not None}
+
+
+def test_answers_generated_without_their_grammar_are_in_the_report(
+    trained: Path, tmp_path: Path
+) -> None:
+    """A tool schema xgrammar cannot compile: the call is generated unconstrained, and the
+    task's report names it with the reason."""
+    from slmify.decision import task_decision
+    from slmify.endtoend import Replay, task_served
+    from slmify.evaluate import _task_report, trained_task
+    from slmify.gate import EvalConfig
+    from slmify.runtime import TextEncoder
+    from slmify.schema import Deferral
+    from slmify.specialists import SpecialistPool
+    from slmify.store import open_store
+    from slmify.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, ignore=shutil.ignore_patterns("eval", "manifest.yaml"))
+    task = next(t for t in Workspace.at(ws).tasks() if t.output_shape == "tool_call")
+    with open_store(str(ws / "calls.db")) as st:
+        ids = Workspace.at(ws).splits(task.id).test[:2]
+        calls = [st.get_call(i).record for i in ids]
+    # As if the agent's tool had a pattern xgrammar cannot compile (valid JSON Schema), in
+    # training too: the scope check passes only the tools the task was trained with.
+    tools = [dict(t) for t in calls[0].request.tools]
+    tools[0]["function"] = {
+        **tools[0]["function"],
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string", "pattern": "(?<=AC-)[0-9]+"}},
+        },
+    }
+    calls = [
+        c.model_copy(update={"request": c.request.model_copy(update={"tools": tools})})
+        for c in calls
+    ]
+    pruning_file = ws / "specialists" / task.id / "pruning.json"
+    pruning = json.loads(pruning_file.read_text())
+    if pruning.get("tools") is not None:
+        pruning["tools"] = [t["function"] for t in tools]
+        pruning_file.write_text(json.dumps(pruning))
+    t = trained_task(ws, task)
+    assert t.result.kind == "lora"
+    pool = SpecialistPool([t.runtime()])
+    replay = Replay(None, pool, {task.id: t.cfg}, TextEncoder(), None, {})
+    rows = []
+    for call in calls:
+        decision = task_decision(call.request, task.id, 1.0, "routed: x", pool.tasks, pool.tasks)
+        assert decision.task_id == task.id, decision.reason
+        rows.append(replay.answer(call, decision, compare_base=False))
+    reason = (
+        "grammar not compiled: Regex parsing error at position 3: Lookbehind is not supported yet."
+    )
+    assert [r.answer.unconstrained for r in rows] == [reason, reason]
+    deferral = Deferral(
+        threshold=None, target=0.9, calibration_calls=0, calibration_served=0, reason="none"
+    )
+    served = task_served(rows, task.id, EvalConfig())
+    _task_report(t, rows, served, deferral, None, ws)
+    report = EvalReport.model_validate_json((ws / "eval" / task.id / "report.json").read_text())
+    assert report.unconstrained == {reason: ids}
+    assert report.sample is None
