@@ -1,9 +1,10 @@
 """The `slmify` command line: parse arguments, call a stage, print what it did.
 
-Read top to bottom, this file is the pipeline: collect (S1) and curate (S2), cluster
-(S3), train (S4, S5), eval / manifest / serve / run (S6). Each command resolves the
-workspace, calls one library function, and prints its summary (`--json` for scripts
-and CI). Heavy imports stay inside the commands so `slmify --help` is instant.
+Read top to bottom, this file is the pipeline: collect (S1) and curate (S2), whose
+commands are in slmify.cli_collect, cluster (S3), train (S4, S5), eval / manifest / serve /
+run (S6). Each command resolves the workspace, calls one library function, and prints its
+summary (`--json` for scripts and CI; slmify.cli_options holds the shared options and the
+printing). Heavy imports stay inside the commands so `slmify --help` is instant.
 
 Any `SlmifyError` a command lets through becomes one line, `error: <message>`, on stderr
 and the error's exit code (1: a stage or its input failed; 2: bad config), no traceback.
@@ -19,8 +20,18 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from slmify.cli_collect import collect_app
+from slmify.cli_options import (
+    AllowedHostOpt,
+    ApiKeyFileOpt,
+    JsonOpt,
+    StoreOpt,
+    WorkspaceOpt,
+    emit,
+    fail,
+)
 from slmify.errors import SlmifyError
-from slmify.workspace import Workspace, emit
+from slmify.workspace import Workspace
 
 # Libraries whose own deprecation notices (`torch.jit.script_method is deprecated`,
 # transformers' renamed arguments) tell a user of slmify nothing they can act on.
@@ -54,187 +65,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-collect_app = typer.Typer(
-    help="S1/S2: collect the agent's LLM calls (import logs, recording proxy) and curate them.",
-    no_args_is_help=True,
-)
 app.add_typer(collect_app, name="collect")
-
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="State folder. Default: $SLMIFY_WORKSPACE, else ./slmify-workspace.",
-    ),
-]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        help="Call store: a SQLite path or postgresql:// URL. Default: WORKSPACE/calls.db.",
-    ),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object summarizing what was done.")
-]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-# -- S1 collect --------------------------------------------------------------------------
-
-
-@collect_app.command("import")
-def collect_import(
-    paths: Annotated[list[Path], typer.Argument(help="Log files (.jsonl, .json, .gz).")],
-    curate: Annotated[
-        bool, typer.Option("--curate", help="Curate the store after importing.")
-    ] = False,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if any line is rejected.")
-    ] = False,
-    workspace: WorkspaceOpt = None,
-    store: StoreOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Import existing logs: OpenAI chat-completions logs (incl. legacy functions), OpenAI
-    fine-tuning JSONL, OpenTelemetry GenAI spans (OTLP JSON), NVIDIA data-flywheel logs."""
-    from slmify.collect import import_files
-
-    ws = Workspace.resolve(workspace, store)
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise fail(f"no such file: {', '.join(missing)}")
-    with ws.open_store() as st:
-        summary = import_files(st, paths, ws.path("rejects.jsonl"), progress=not as_json)
-        if curate:
-            from slmify.curate import curate_store
-
-            summary["curation"] = curate_store(
-                st, ws.path("curation-report.json"), progress=not as_json
-            )
-    emit(summary, as_json)
-    if strict and summary["rejected"]:
-        raise fail(f"{summary['rejected']} line(s) rejected, see {summary['rejects']}")
-
-
-# Shared by `collect proxy` and `serve` (slmify.httpguard).
-ApiKeyFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--api-key-file",
-        help="Clients' keys, one a line (besides $SLMIFY_API_KEY): with any, each call needs "
-        "one, and only such calls go upstream with $SLMIFY_UPSTREAM_API_KEY. Without, the "
-        "client's own key goes upstream.",
-    ),
-]
-AllowedHostOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--allowed-host",
-        help="Another name clients reach this server by (Host header), besides the loopback "
-        "names and the bound address; repeatable. Other names get 421 (DNS rebinding).",
-    ),
-]
-
-
-@collect_app.command("proxy")
-def collect_proxy(
-    upstream: Annotated[
-        str,
-        typer.Option(
-            "--upstream",
-            help="The LLM's base URL as an OpenAI SDK takes it (https://api.openai.com/v1):"
-            " /v1/X on the proxy goes to UPSTREAM/X.",
-        ),
-    ],
-    port: Annotated[
-        int, typer.Option("--port", help="Port to listen on; 0 picks a free one.")
-    ] = 8900,
-    host: Annotated[
-        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens it to the network.")
-    ] = "127.0.0.1",
-    timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds the upstream may stay silent (then 504).")
-    ] = 600.0,
-    api_key_file: ApiKeyFileOpt = None,
-    allowed_host: AllowedHostOpt = None,
-    workspace: WorkspaceOpt = None,
-    store: StoreOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Record the agent's calls live: point its OpenAI base URL at http://HOST:PORT/v1.
-
-    Chat completions (streamed or not) are forwarded unchanged and stored; GET /v1/models,
-    POST /v1/completions and /v1/embeddings are forwarded only; other paths are a 404.
-    Optional request headers `x-slmify-session` and `x-slmify-agent` set the call's
-    session id and agent name. Keys are forwarded (see --api-key-file), never stored.
-    Ctrl-C stops it after writing every answered call."""
-    from slmify.httpguard import configure
-    from slmify.proxy import run_proxy
-
-    if not upstream.startswith(("http://", "https://")):
-        raise fail(f"--upstream must be an http:// or https:// URL, got {upstream!r}")
-    guard = configure(host, allowed_host or [], api_key_file)
-    ws = Workspace.resolve(workspace, store)
-    with ws.open_store() as st:
-        try:
-            summary = run_proxy(
-                st,
-                upstream,
-                host,
-                port,
-                timeout,
-                announce=lambda line: typer.echo(line, err=True),
-                guard=guard,
-            )
-        except OSError as e:
-            raise fail(f"cannot listen on {host}:{port}: {e}") from e
-    emit(summary, as_json)
-
-
-@collect_app.command("curate")
-def collect_curate(
-    keep_raw: Annotated[
-        bool,
-        typer.Option(
-            "--keep-raw", help="Also keep each call's unscrubbed record (raw_record column)."
-        ),
-    ] = False,
-    workspace: WorkspaceOpt = None,
-    store: StoreOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Scrub PII and secrets, mark exact duplicates and failed calls (kept out of training).
-    Curates only calls not curated yet; the audit report goes to curation-report.json."""
-    from slmify.curate import curate_store
-
-    ws = Workspace.resolve(workspace, store)
-    with ws.open_store() as st:
-        summary = curate_store(
-            st, ws.path("curation-report.json"), keep_raw=keep_raw, progress=not as_json
-        )
-    emit(summary, as_json)
-
-
-@collect_app.command("stats")
-def collect_stats(
-    workspace: WorkspaceOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
-) -> None:
-    """Calls by agent, model and status; tokens; duplicates; exclusions; scrubbed PII."""
-    ws = Workspace.resolve(workspace, store)
-    with ws.open_store() as st:
-        stats = st.stats()
-    if as_json:
-        emit(stats, as_json)
-    else:
-        from slmify.curate import print_stats
-
-        print_stats(stats)
 
 
 # -- S3 cluster --------------------------------------------------------------------------
@@ -520,7 +351,8 @@ def run(
     1 a stage failed (the summary names it);
     2 bad config (unknown key, bad value), missing source file or unknown recipe;
     3 a specialist was demoted to the LLM, or a promoted task failed the gate."""
-    from slmify.run import print_summary, run_pipeline
+    from slmify.run import run_pipeline
+    from slmify.run_summary import print_summary
 
     ws = Workspace.resolve(workspace, store)
     # A RunConfigError (exit 2) or StoreError (exit 1) is printed by Commands.invoke.
@@ -534,4 +366,4 @@ def run(
         emit(summary, as_json)
     else:
         print_summary(summary)
-    raise typer.Exit(summary["exit_code"])
+    raise typer.Exit(summary.exit_code)

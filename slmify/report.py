@@ -1,10 +1,11 @@
 """The cluster report a person looks at: an HTML page and the same content as JSON.
 
-Writes `report.html` (the task table ranked by value, and a 2-D map of the calls
-coloured by task, unassigned calls in grey: t-SNE of a sample of the clustering
-features, drawn with matplotlib's Agg backend, a PNG embedded in the page) and
-`report.json` (the run summary and the task list) and `map.json` (the map's points and
-each point's task, which `slmify report` draws with the tasks named).
+Writes, into the folder the cluster stage stages its files in, `report.html` (the task
+table ranked by value, and a 2-D map of the calls coloured by task, unassigned calls in
+grey: t-SNE of a sample of the clustering features, drawn with matplotlib's Agg backend, a
+PNG embedded in the page), `report.json` (`ClusterReport`: the run summary and the task
+list) and `map.json` (`CallMap`: the map's points and each point's task, which `slmify
+report` draws with the tasks named), the last two through slmify.workspace's writers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from slmify.schema import SCHEMA_VERSION, TaskCluster
+from slmify.schema import TaskCluster
+from slmify.schema_stages import CallMap, ClusterSummary
+from slmify.workspace import cluster_page_file, write_call_map, write_cluster_report
 
 MAX_POINTS = 2000  # t-SNE on a sample: seconds, and the picture is as readable
 
@@ -55,7 +57,7 @@ def map_png(points: np.ndarray, task_of: list[str | None], tasks: list[TaskClust
     return buf.getvalue()
 
 
-def render_html(summary: dict[str, Any], tasks: list[TaskCluster], png: bytes) -> str:
+def render_html(summary: ClusterSummary, tasks: list[TaskCluster], png: bytes) -> str:
     cols = [
         "rank",
         "id",
@@ -94,7 +96,7 @@ def render_html(summary: dict[str, Any], tasks: list[TaskCluster], png: bytes) -
     )
     facts = "".join(
         f"<li><b>{html.escape(k)}</b>: {html.escape(json.dumps(v, default=str))}</li>"
-        for k, v in summary.items()
+        for k, v in summary.model_dump(mode="json").items()
     )
     image = base64.b64encode(png).decode("ascii")
     return f"""<!doctype html>
@@ -125,20 +127,17 @@ def map_points(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def write_report(
     folder: Path,
-    summary: dict[str, Any],
+    summary: ClusterSummary,
     tasks: list[TaskCluster],
     features: np.ndarray,
     task_of: list[str | None],
 ) -> None:
-    """report.html and report.json into `folder` (a staging folder: the caller renames)."""
+    """report.html, report.json and map.json into `folder` (a staging folder: the caller
+    renames)."""
+    summary = ClusterSummary.model_validate(summary)  # TRANSITIONAL until cluster passes one
     rows, points = map_points(features)
     png = map_png(points, [task_of[i] for i in rows], tasks)
-    (folder / "report.html").write_text(render_html(summary, tasks, png), encoding="utf-8")
-    spots = {"points": np.round(points, 2).tolist(), "task": [task_of[i] for i in rows]}
-    (folder / "map.json").write_text(json.dumps(spots), encoding="utf-8")
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "summary": summary,
-        "tasks": [t.model_dump(mode="json") for t in tasks],
-    }
-    (folder / "report.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    cluster_page_file(folder).write_text(render_html(summary, tasks, png), encoding="utf-8")
+    spots = CallMap(points=np.round(points, 2).tolist(), task=[task_of[i] for i in rows])
+    write_call_map(folder, spots)
+    write_cluster_report(folder, summary, tasks)

@@ -17,8 +17,9 @@ interrupted run resumes where it stopped and a second run with no new data does 
 
 A promoted specialist whose live agreement (shadow answers recorded by `slmify serve`)
 falls below its gate is demoted: the manifest keeps the task on the LLM until it is
-retrained and evaluated again. The summary says what ran and why, and the drift found;
-`exit_code` is what a CI job branches on (see EXIT_CODES).
+retrained and evaluated again. The summary (slmify.run_summary: a `RunSummary`, kept in
+WORKSPACE/run/summary.json) says what ran and why, and the drift found; `exit_code` is what
+a CI job branches on (see EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from slmify.drift import (
 )
 from slmify.recipes import Recipe
 from slmify.router import load_router
+from slmify.run_summary import EXIT_BAD_INPUT, EXIT_CODES, summarize
 from slmify.runconfig import (
     RunConfig,
     load_config,
@@ -55,15 +57,10 @@ from slmify.runconfig import (
     resolve_sources,
 )
 from slmify.schema import Demotion, DriftFinding, RunState, StageOutcome, content_hash
+from slmify.schema_stages import ClusterSummary, RunSummary
 from slmify.workspace import Workspace
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DEMOTED = 0, 1, 2, 3
-EXIT_CODES = {
-    EXIT_OK: "nothing to do, or every stage ran and no specialist lost its promotion",
-    EXIT_ERROR: "a stage failed (its error is in the summary); the state keeps what finished",
-    EXIT_BAD_INPUT: "bad config: unknown key, bad value, missing source file, unknown recipe",
-    EXIT_DEMOTED: "a specialist was demoted to the LLM, or a promoted task failed the gate",
-}
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CODES", "run_pipeline"]
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -74,8 +71,9 @@ def run_pipeline(
     config_path: Path,
     progress: bool = True,
     announce: Callable[[str], None] = lambda line: None,
-) -> dict[str, Any]:
-    """Run every stage whose inputs changed; returns the summary (with `exit_code`).
+) -> RunSummary:
+    """Run every stage whose inputs changed; returns the summary (with `exit_code`), also
+    written to WORKSPACE/run/summary.json.
 
     Raises RunConfigError for a bad config; a stage's own error is reported in the
     summary (`failed`, exit code 1) after the stages before it were recorded.
@@ -94,7 +92,9 @@ def run_pipeline(
         announce=announce,
     )
     outcomes, findings = pipeline.run()
-    return summarize(ws, config_path, outcomes, findings, pipeline.state)
+    summary = summarize(ws, config_path, outcomes, findings, pipeline.state)
+    ws.write_run_summary(summary)
+    return summary
 
 
 # -- the stages ---------------------------------------------------------------------------
@@ -173,7 +173,7 @@ class Pipeline:
         if not pending:
             return StageOutcome(name="curate", ran=False, reason="every stored call is curated")
         summary = curate_store(
-            store, self.ws.path("curation-report.json"), self.cfg.curate.keep_raw, self.progress
+            store, self.ws.curation_report_file(), self.cfg.curate.keep_raw, self.progress
         )
         keys = ("curated", "scrubbed_calls", "duplicates", "excluded")
         return StageOutcome(
@@ -207,12 +207,11 @@ class Pipeline:
         )
         self.state.cluster_settings = settings
         self.state.stages["cluster"] = inputs
-        keys = ("calls", "tasks", "unassigned", "silhouette")
+        found = ClusterSummary.model_validate(summary).model_dump(  # TRANSITIONAL
+            include={"calls", "tasks", "unassigned", "silhouette"}
+        )
         return StageOutcome(
-            name="cluster",
-            ran=True,
-            reason=f"re-clustered: {reason}",
-            details={**{k: summary[k] for k in keys}, **details},
+            name="cluster", ran=True, reason=f"re-clustered: {reason}", details=found | details
         )
 
     def recluster_reason(
@@ -275,7 +274,7 @@ class Pipeline:
         results = {}
         for task_id in todo:
             summary = train_all(self.ws, self.recipe, task_id, progress=self.progress)
-            results[task_id] = summary["tasks"][0]["status"]
+            results[task_id] = summary.tasks[0].status
             self.state.train[task_id] = {"calls": calls.get(task_id, ""), "recipe": recipe_hash}
             self.ws.write_run_state(self.state)
         return StageOutcome(
@@ -421,101 +420,3 @@ def write_run_manifest(ws_root: Path, store: Any, demoted: dict[str, Demotion]) 
     manifest.exports = write_exports(manifest, ws_root / "exports")
     write_manifest(manifest, ws_root / "manifest.yaml")
     return {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks}
-
-
-def summarize(
-    ws: Workspace,
-    config_path: Path,
-    outcomes: list[StageOutcome],
-    findings: list[DriftFinding],
-    state: RunState,
-) -> dict[str, Any]:
-    """The JSON summary: stages, drift, what is still demoted, the manifest, the exit code."""
-    failed = [o for o in outcomes if o.failed]
-    demoted = any(f.action == "demote" for f in findings)
-    code = EXIT_ERROR if failed else EXIT_DEMOTED if demoted else EXIT_OK
-    ran = [o.name for o in outcomes if o.ran]
-    if failed:
-        message = f"{failed[0].name} failed: {failed[0].reason}"
-    elif not ran:
-        message = "nothing to do: sources, calls, tasks, recipe and specialists are unchanged"
-    else:
-        message = f"ran {', '.join(ran)}; skipped the rest (inputs unchanged)"
-    return {
-        "config": str(config_path),
-        "workspace": str(ws.root),
-        "message": message,
-        "did_work": bool(ran),
-        "stages": [o.model_dump(mode="json") for o in outcomes],
-        "drift": [f.model_dump(mode="json") for f in findings],
-        "demoted": {k: v.reason for k, v in state.demoted.items()},
-        "manifest": manifest_summary(ws),
-        "exit_code": code,
-        "exit_meaning": EXIT_CODES[code],
-    }
-
-
-def manifest_summary(ws: Workspace) -> dict[str, Any] | None:
-    """Per task status and the savings estimate, from manifest.yaml as it now stands."""
-    from slmify.manifest import ManifestError, read_manifest
-
-    path = ws.root / "manifest.yaml"
-    if not path.exists():
-        return None
-    try:
-        manifest = read_manifest(path)
-    except ManifestError as e:
-        return {"path": str(path), "error": str(e)}
-    s = manifest.savings
-    promoted = [t for t in manifest.tasks if t.status == "promoted"]
-    e2e = manifest.end_to_end
-    return {
-        "path": str(path),
-        "headline": e2e.headline() if e2e else "not evaluated end to end",
-        "end_to_end": e2e.model_dump(mode="json", exclude={"by_task"}) if e2e else None,
-        "promoted": f"{len(promoted)} of {len(manifest.tasks)} tasks",
-        "tasks": {t.id: f"{t.status}: {t.reason}" for t in manifest.tasks},
-        "savings": {
-            "specialist_share": s.specialist_share,
-            "specialist_calls": s.specialist_calls,
-            "llm_cost_usd": s.llm_cost_usd,
-            "llm_cost_usd_moved": s.llm_cost_usd_moved,
-            "llm_latency_s_moved": s.llm_latency_s_moved,
-            "prices": s.prices,
-        },
-    }
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """The human form: the outcome, the drift, then the manifest and savings (each
-    stage's line was announced as it finished)."""
-    from rich.console import Console
-
-    console = Console()
-    console.print(f"[bold]slmify run[/bold]: {summary['message']}")
-    for f in summary["drift"]:
-        where = f" {f['task_id']}" if f["task_id"] else ""
-        console.print(
-            f"  [yellow]drift[/yellow] {f['kind']}{where} -> {f['action']}: {f['detail']}"
-        )
-    for task_id, reason in summary["demoted"].items():
-        console.print(f"  [yellow]demoted[/yellow] {task_id}: {reason}", highlight=False)
-    m = summary["manifest"]
-    if m and "error" not in m:
-        console.print(f"[bold]held-out sessions[/bold]: {m['headline']}", highlight=False)
-        console.print(f"[bold]manifest[/bold] {m['path']}: {m['promoted']} promoted")
-        for task_id, status in m["tasks"].items():
-            console.print(f"  {task_id}: {status}", highlight=False)
-        s = m["savings"]
-        latency = (
-            f", {s['llm_latency_s_moved']} s of LLM latency" if s["llm_latency_s_moved"] else ""
-        )
-        console.print(
-            f"[bold]savings[/bold]: {s['specialist_share']:.1%} of calls ({s['specialist_calls']})"
-            f" move to specialists, ${s['llm_cost_usd_moved']:.2f} of ${s['llm_cost_usd']:.2f}"
-            f" LLM cost{latency} (prices: {s['prices']})",
-            highlight=False,
-        )
-    elif m:
-        console.print(f"[red]manifest[/red]: {m['error']}")
-    console.print(f"exit code {summary['exit_code']}: {summary['exit_meaning']}")

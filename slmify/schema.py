@@ -4,9 +4,10 @@ A collected LLM call (`CallRecord`), a discovered task type (`TaskCluster`), a t
 specialist (`SpecialistResult`), an evaluation (`EvalReport`) and the deployment
 `Manifest` are pydantic models, all imported from here: the call records are defined in
 slmify.schema_calls, the eval and serving records in slmify.schema_eval, and the cluster,
-train, manifest and run records below. Files on disk are these models serialized (JSONL
-or YAML) with a `schema_version` field, so an artifact written by one stage can be read
-back, checked, by the next. Reads and writes nothing itself.
+train, manifest and run records below; what each stage reports of a run (the summaries
+`--json` prints) is in slmify.schema_stages. Files on disk are these models serialized
+(JSONL or YAML) with a `schema_version` field, so an artifact written by one stage can be
+read back, checked, by the next. Reads and writes nothing itself.
 """
 
 from __future__ import annotations
@@ -129,11 +130,12 @@ class TaskList(BaseModel):
 
 class Assignment(BaseModel):
     """One line of `assignments.jsonl`: a clustered call and its task, None when it fits
-    none. A line carries no version: the file is rewritten whole with tasks.json, whose
-    version it shares, and a version on each of a million lines would be its bulk."""
+    none. Each line carries the version (about 20 bytes a line), so a line read alone is
+    checked too; a line written before it had one is version 1."""
 
     model_config = ConfigDict(extra="forbid")
 
+    schema_version: int = SCHEMA_VERSION
     id: str
     task: str | None
 

@@ -4,10 +4,12 @@ Reads WORKSPACE/cluster/tasks.json and WORKSPACE/assignments.jsonl (which task e
 belongs to) and the calls from the store (curated training calls; status-ok calls when
 nothing is curated yet). For each task it writes WORKSPACE/specialists/<task id>/:
 `recipe.yaml` (resolved), `pruning.json`, `splits.json`, `dataset/`, `adapter/` (peft
-save_pretrained, plus the tokenizer), `metrics.json` and `result.json`.
+save_pretrained, plus the tokenizer), `metrics.json` and `result.json`; and the run's
+summary (`TrainSummary`, what `--json` prints) in WORKSPACE/specialists/summary.json.
 
-Each task is an independent job: it reads the workspace and writes only its own folder,
-so `slmify train --task ID` can run as one job of a CI matrix per task. An interrupted
+Each task is an independent job: it reads the workspace and writes only its own folder
+(and the summary, whole, by atomic rename: of jobs sharing a workspace the last one's
+stays), so `slmify train --task ID` can run as one job of a CI matrix per task. An interrupted
 run resumes from the task's last checkpoint (`checkpoints/`, removed once it is done).
 """
 
@@ -35,6 +37,7 @@ from slmify.models import (
 )
 from slmify.recipes import Recipe, save_resolved
 from slmify.schema import CallRecord, SpecialistResult, TaskCluster
+from slmify.schema_stages import TrainSummary
 from slmify.workspace import RECIPE_FILE, Workspace, write_metrics_file
 
 
@@ -72,8 +75,9 @@ def gather_calls(ws: Workspace, assignment: dict[str, str]) -> tuple[dict[str, l
 
 def train_all(
     ws: Workspace, recipe: Recipe, task_id: str | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Train every task (or `task_id`); one SpecialistResult per task in the summary."""
+) -> TrainSummary:
+    """Train every task (or `task_id`); one SpecialistResult per task in the summary, which
+    is kept in specialists/summary.json."""
     tasks, assignment = ws.tasks(), ws.assigned()
     if task_id is not None:
         tasks = [t for t in tasks if t.id == task_id]
@@ -115,30 +119,30 @@ def train_all(
                 task, by_task.get(task.id, []), recipe, info, tokenizer, plan, out, bars
             )
             ws.write_result(result)
-            results.append(result.model_dump(mode="json"))
+            results.append(result)
             bars.done()
-    return {
-        "recipe": recipe.name,
-        "base_model": recipe.model.base,
-        "device": device,
-        "plan": list(plan.notes),
-        "calls": source,
-        "trained": sum(r["status"] == "trained" for r in results),
-        "skipped": sum(r["status"] == "skipped" for r in results),
-        "validation_loss": {
-            r[
-                "id"
-            ]: f"base {m['base_validation_loss']:.3f} -> specialist {m['validation_loss']:.3f}"
+    summary = TrainSummary(
+        recipe=recipe.name,
+        base_model=recipe.model.base,
+        device=device,
+        plan=list(plan.notes),
+        calls=source,
+        trained=sum(r.status == "trained" for r in results),
+        skipped=sum(r.status == "skipped" for r in results),
+        validation_loss={
+            r.id: f"base {m['base_validation_loss']:.3f} -> specialist {m['validation_loss']:.3f}"
             for r in results
-            if "base_validation_loss" in (m := r["metrics"])
+            if "base_validation_loss" in (m := r.metrics)
         },
-        "heads": {
-            r["id"]: f"{r['kind']}, cross-validated accuracy {m['cv_accuracy']}"
+        heads={
+            r.id: f"{r.kind}, cross-validated accuracy {m['cv_accuracy']}"
             for r in results
-            if r["kind"] != "lora" and (m := r["metrics"])
+            if r.kind != "lora" and (m := r.metrics)
         },
-        "tasks": results,
-    }
+        tasks=results,
+    )
+    ws.write_train_summary(summary)
+    return summary
 
 
 def train_task(

@@ -1,5 +1,4 @@
-"""Where slmify keeps its state, the files stages pass each other, and how a command prints
-what it did.
+"""Where slmify keeps its state, and the files stages pass each other.
 
 One folder holds everything a run produces (the SQLite store, cluster artifacts,
 specialists, reports, the manifest). It is `--workspace DIR`, else `$SLMIFY_WORKSPACE`,
@@ -10,14 +9,23 @@ and written by one method of `Workspace`, as a model of slmify.schema:
 
 - cluster/tasks.json          `TaskList` (`tasks`, `write_tasks`), written by cluster and by
                               drift's placing of new calls;
+- cluster/report.json         `ClusterReport` (`cluster_report`; `write_cluster_report` for
+                              the staging folder), the cluster run's summary and tasks;
+- cluster/map.json            `CallMap` (`call_map`; `write_call_map`), the calls in 2-D;
 - cluster/router/router.json  `RouterMeta` (`router_meta`; `read_router_meta` and
                               `write_router_meta` for the staging folder cluster writes it
                               in), beside router.npz (the weights, slmify.router's);
 - assignments.jsonl           `Assignment` per line (`assignments`, `write_assignments`);
+                              a line without `schema_version` is read as version 1;
 - eval/<task id>/report.json  `EvalReport` (`eval_report`, `write_eval_report`), written by
                               eval, read by the manifest, run and the workspace report;
-- eval/endtoend/summary.json  `EndToEnd` (`end_to_end`, `write_end_to_end`), eval's headline;
+- eval/endtoend/summary.json  `EndToEnd` (`end_to_end`, `write_end_to_end`), eval's headline
+                              (one without `schema_version`, written before it had one, is
+                              read as version 1);
 - run/state.json              `RunState` (`run_state`, `write_run_state`), `slmify run`'s;
+- run/summary.json            `RunRecord` (`run_summary`, `write_run_summary`), its summary;
+- specialists/summary.json    `TrainRecord` (`train_summary`, `write_train_summary`), the
+                              last training run's summary;
 - specialists/<task id>/      train's folder per task (`specialist_dir`): result.json
                               (`SpecialistResult`: `result`, `write_result`), splits.json
                               (`Splits`: `splits`, `write_splits`; `read_splits_file` and
@@ -27,7 +35,8 @@ and written by one method of `Workspace`, as a model of slmify.schema:
 
 Readers are strict: a missing file, a missing or other `schema_version`, or a field the
 model rejects is a `WorkspaceError` naming the file. Writers write a temporary file in the
-same folder and rename it over the old one, so a reader never sees half a file.
+same folder and rename it over the old one, so a reader never sees half a file (both in
+slmify.modelfile).
 """
 
 from __future__ import annotations
@@ -37,13 +46,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from slmify.errors import SlmifyError
+from slmify.modelfile import WorkspaceError, first_error, read_model, write_text
 
-if TYPE_CHECKING:  # pydantic and the schema load on first use: `--help` stays instant
-    from pydantic import BaseModel, ValidationError
-
+if TYPE_CHECKING:  # the schema loads on first use: `--help` stays instant
     from slmify.schema import (
         EndToEnd,
         EvalReport,
@@ -53,11 +60,21 @@ if TYPE_CHECKING:  # pydantic and the schema load on first use: `--help` stays i
         Splits,
         TaskCluster,
     )
+    from slmify.schema_stages import (
+        CallMap,
+        ClusterReport,
+        ClusterSummary,
+        RunSummary,
+        TrainSummary,
+    )
 
 DEFAULT_WORKSPACE = "slmify-workspace"
 # The artifacts' names, relative to the workspace or to a specialist's folder.
 CLUSTER_DIR = "cluster"
 TASKS_FILE = "tasks.json"
+CLUSTER_REPORT_FILE = "report.json"
+CLUSTER_PAGE_FILE = "report.html"
+CALL_MAP_FILE = "map.json"
 ROUTER_DIR = "router"
 ROUTER_META_FILE = "router.json"
 ROUTER_WEIGHTS_FILE = "router.npz"
@@ -69,16 +86,12 @@ ENDTOEND_DIR = "endtoend"
 ENDTOEND_FILE = "summary.json"
 RUN_DIR = "run"
 RUN_STATE_FILE = "state.json"
+SUMMARY_FILE = "summary.json"  # a stage's last summary: specialists/ and run/
+CURATION_REPORT_FILE = "curation-report.json"
 RESULT_FILE = "result.json"
 SPLITS_FILE = "splits.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
-
-M = TypeVar("M", bound="BaseModel")
-
-
-class WorkspaceError(SlmifyError, ValueError):
-    """A stage's file that is missing or not what its writer writes; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,10 @@ class Workspace:
         p = self.root.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def curation_report_file(self) -> Path:
+        """curate's audit report (for people; no stage reads it)."""
+        return self.path(CURATION_REPORT_FILE)
 
     def open_store(self):  # noqa: ANN201 - avoids importing the store for --help
         from slmify.store import open_store
@@ -152,11 +169,25 @@ class Workspace:
         write_text(path, json.dumps(doc, indent=1))
         return path
 
+    def cluster_report(self) -> ClusterReport | None:
+        """The last clustering's summary and tasks, None before `slmify cluster`."""
+        from slmify.schema_stages import ClusterReport
+
+        path = self.cluster_dir() / CLUSTER_REPORT_FILE
+        return read_model(path, ClusterReport) if path.exists() else None
+
+    def call_map(self) -> CallMap | None:
+        """The map of the calls report.html shows, None before `slmify cluster`."""
+        from slmify.schema_stages import CallMap
+
+        path = self.cluster_dir() / CALL_MAP_FILE
+        return read_model(path, CallMap) if path.exists() else None
+
     def assignments(self) -> dict[str, str | None]:
         """Every clustered call id -> its task id, None for a call that fits no task."""
         from pydantic import ValidationError
 
-        from slmify.schema import Assignment
+        from slmify.schema import SCHEMA_VERSION, Assignment
 
         path = self.assignments_file()
         if not path.exists():
@@ -168,8 +199,13 @@ class Workspace:
                     row = Assignment.model_validate_json(line)
                 except ValidationError as e:
                     raise WorkspaceError(
-                        f"{path}:{lineno}: not an assignment line ({_first(e)})"
+                        f"{path}:{lineno}: not an assignment line ({first_error(e)})"
                     ) from None
+                if row.schema_version != SCHEMA_VERSION:
+                    raise WorkspaceError(
+                        f"{path}:{lineno}: schema_version {row.schema_version!r}, this slmify "
+                        f"reads {SCHEMA_VERSION}: run `slmify cluster` again"
+                    )
                 out[row.id] = row.task
         return out
 
@@ -178,8 +214,12 @@ class Workspace:
         return {c: t for c, t in self.assignments().items() if t is not None}
 
     def write_assignments(self, assignment: Mapping[str, str | None]) -> Path:
+        from slmify.schema import SCHEMA_VERSION
+
         path = self.assignments_file()
-        rows = ({"id": c, "task": t} for c, t in assignment.items())
+        rows = (
+            {"schema_version": SCHEMA_VERSION, "id": c, "task": t} for c, t in assignment.items()
+        )
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return path
 
@@ -239,6 +279,20 @@ class Workspace:
     def write_splits(self, task_id: str, splits: Splits) -> Path:
         return write_splits_file(self.specialist_dir(task_id), splits)
 
+    def train_summary(self) -> TrainSummary | None:
+        """The last training run's summary, None before `slmify train`."""
+        from slmify.schema_stages import TrainRecord
+
+        path = self.specialists_dir() / SUMMARY_FILE
+        return read_model(path, TrainRecord).summary if path.exists() else None
+
+    def write_train_summary(self, summary: TrainSummary) -> Path:
+        from slmify.schema_stages import TrainRecord
+
+        path = self.specialists_dir() / SUMMARY_FILE
+        write_text(path, TrainRecord(summary=summary).model_dump_json(indent=2))
+        return path
+
     # -- eval: a report per task, the headline of the whole deployment ------------------
 
     def evals_dir(self) -> Path:
@@ -271,13 +325,12 @@ class Workspace:
         return self.endtoend_dir() / ENDTOEND_FILE
 
     def end_to_end(self) -> EndToEnd | None:
-        """The headline of the last `slmify eval`, None before one. The file has no
-        schema_version: EndToEnd is also the manifest's `end_to_end`, whose bytes a version
-        would change; its `extra="forbid"` still refuses another version's fields."""
+        """The headline of the last `slmify eval`, None before one; a file written before
+        EndToEnd had a schema_version is read as version 1."""
         from slmify.schema import EndToEnd
 
         path = self.end_to_end_file()
-        return read_model(path, EndToEnd, versioned=False) if path.exists() else None
+        return read_model(path, EndToEnd, unversioned_ok=True) if path.exists() else None
 
     def write_end_to_end(self, headline: EndToEnd) -> Path:
         path = self.end_to_end_file()
@@ -305,6 +358,20 @@ class Workspace:
         write_text(path, state.model_dump_json(indent=2))
         return path
 
+    def run_summary(self) -> RunSummary | None:
+        """The last `slmify run`'s summary, None before one."""
+        from slmify.schema_stages import RunRecord
+
+        path = self.root / RUN_DIR / SUMMARY_FILE
+        return read_model(path, RunRecord).summary if path.exists() else None
+
+    def write_run_summary(self, summary: RunSummary) -> Path:
+        from slmify.schema_stages import RunRecord
+
+        path = self.root / RUN_DIR / SUMMARY_FILE
+        write_text(path, RunRecord(summary=summary).model_dump_json(indent=2))
+        return path
+
 
 # -- the router's folder, wherever it is (cluster writes it in a staging folder) -------------
 
@@ -330,6 +397,28 @@ def read_router_meta(folder: Path) -> RouterMeta:
 def write_router_meta(folder: Path, meta: RouterMeta) -> Path:
     path = router_meta_file(folder)
     write_text(path, json.dumps(meta.model_dump(mode="json"), indent=1))
+    return path
+
+
+# -- the cluster report's files, in the folder cluster stages them in ------------------------
+
+
+def cluster_page_file(folder: Path) -> Path:
+    """report.html, which slmify.report renders (for people; no stage reads it)."""
+    return folder / CLUSTER_PAGE_FILE
+
+
+def write_cluster_report(folder: Path, summary: ClusterSummary, tasks: list[TaskCluster]) -> Path:
+    from slmify.schema_stages import ClusterReport
+
+    path = folder / CLUSTER_REPORT_FILE
+    write_text(path, ClusterReport(summary=summary, tasks=tasks).model_dump_json(indent=1))
+    return path
+
+
+def write_call_map(folder: Path, call_map: CallMap) -> Path:
+    path = folder / CALL_MAP_FILE
+    write_text(path, call_map.model_dump_json())
     return path
 
 
@@ -361,71 +450,3 @@ def write_splits_file(folder: Path, splits: Splits) -> Path:
     path = folder / SPLITS_FILE
     write_text(path, json.dumps(splits.model_dump(mode="json"), indent=1))
     return path
-
-
-# -- strict reads, atomic writes ------------------------------------------------------------
-
-
-def read_model(path: Path, model: type[M], versioned: bool = True) -> M:
-    """The file as `model`, its `schema_version` this slmify's (unless not `versioned`);
-    else a WorkspaceError."""
-    from pydantic import ValidationError
-
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise WorkspaceError(f"{path}: not JSON ({e})") from None
-    if versioned:
-        _check_version(path, model.__name__, doc)
-    try:
-        return model.model_validate(doc)
-    except ValidationError as e:
-        raise WorkspaceError(f"{path}: not a {model.__name__} ({_first(e)})") from None
-
-
-def _check_version(path: Path, name: str, doc: Any) -> None:
-    from slmify.schema import SCHEMA_VERSION
-
-    if not isinstance(doc, dict) or "schema_version" not in doc:
-        raise WorkspaceError(f"{path}: no schema_version, not a {name} file as slmify writes it")
-    if doc["schema_version"] != SCHEMA_VERSION:
-        raise WorkspaceError(
-            f"{path}: schema_version {doc['schema_version']!r}, this slmify reads "
-            f"{SCHEMA_VERSION}: run the stage that writes it again"
-        )
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` (its folder made), then rename it over
-    `path`."""
-    # Named by process (not mkstemp's 0600 file): the file keeps the umask's permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _first(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "the document"
-    return f"{where}: {err['msg']}" + (f", {len(e.errors())} errors" if len(e.errors()) > 1 else "")
-
-
-def emit(summary: dict[str, Any], as_json: bool) -> None:
-    """Print a command's summary: one JSON object for scripts, else key: value lines."""
-    if as_json:
-        print(json.dumps(summary, default=str, ensure_ascii=False))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
-    for key, value in summary.items():
-        if isinstance(value, dict | list):
-            value = json.dumps(value, default=str, ensure_ascii=False)
-        table.add_row(f"[bold]{key}[/bold]", str(value))
-    Console().print(table)

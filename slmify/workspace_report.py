@@ -93,7 +93,7 @@ def build_report(ws_root: Path, store: Any) -> dict[str, Any]:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "headline": headline(e2e, {t["id"]: t["name"] for t in out_tasks}),
         "tasks": out_tasks,
-        "map": _map(ws.cluster_dir() / "map.json"),
+        "map": _map(ws),
     }
 
 
@@ -226,10 +226,10 @@ def headline(e2e: EndToEnd | None, names: dict[str, str]) -> dict[str, Any] | No
     }
 
 
-def _map(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+def _map(ws: Workspace) -> dict[str, Any] | None:
+    """The map's points and tasks (cluster/map.json without its version)."""
+    found = ws.call_map()
+    return None if found is None else found.model_dump(mode="json", exclude={"schema_version"})
 
 
 def write_workspace_report(ws_root: Path, store: Any, out: Path | None = None) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from slmify.drift import (
     live_scores,
     routing_findings,
 )
-from slmify.run import EXIT_BAD_INPUT, run_pipeline
+from slmify.run import EXIT_BAD_INPUT
+from slmify.run import run_pipeline as run_stages
 from slmify.runconfig import (
     RunConfigError,
     load_config,
@@ -52,6 +53,7 @@ from slmify.schema import (
     SpecialistResult,
     TaskCluster,
 )
+from slmify.schema_stages import ClusterSummary, RunSummary, TrainSummary
 from slmify.store import open_store
 from slmify.workspace import Workspace, write_router_meta
 
@@ -121,7 +123,14 @@ class Fakes:
         write_router_meta(ws.router_dir(), meta)
         ws.write_tasks(tasks)
         ws.write_assignments({r["id"]: r["task"] for r in rows})
-        return {"calls": len(rows), "tasks": len(tasks), "unassigned": 0, "silhouette": None}
+        return ClusterSummary(
+            calls=len(rows), tasks=len(tasks), unassigned=0, unassigned_share=0.0,
+            algorithm="scripted", clusters_found=len(tasks), silhouette=None, embedded=0,
+            embeddings_cached=0, tokens="from logged usage", router_holdout=meta.holdout,
+            embed_seconds=0.0, cluster_seconds=0.0, seconds=0.0,
+            tasks_path=str(ws.tasks_file()), assignments=str(ws.assignments_file()),
+            report="", router=str(ws.router_dir()),
+        )  # fmt: skip
 
     def route_calls(self, router, store, call_ids):
         routed = []
@@ -159,7 +168,10 @@ class Fakes:
             id=task_id, status="trained", adapter=str(adapter), base_model=str(self.tiny_base)
         )
         ws.write_result(result)
-        return {"tasks": [result.model_dump(mode="json")]}
+        return TrainSummary(
+            recipe=recipe.name, base_model=str(self.tiny_base), device="cpu", plan=[],
+            calls="fake", trained=1, skipped=0, validation_loss={}, heads={}, tasks=[result],
+        )  # fmt: skip
 
     def evaluate_workspace(
         self, ws_root, store, task_ids=None, limit=None, judge=None, progress=True, announce=print
@@ -256,6 +268,13 @@ def new_calls(path: Path, marker: str, n: int, source: Path = DEMO) -> Path:
                 break
     path.write_text("\n".join(out) + "\n")
     return path
+
+
+def run_pipeline(ws: Workspace, config: Path, progress: bool = True) -> dict:
+    """`slmify run`'s summary as `--json` prints it; checked to be the one the run kept."""
+    summary = run_stages(ws, config, progress=progress)
+    assert isinstance(summary, RunSummary) and ws.run_summary() == summary
+    return summary.model_dump(mode="json")
 
 
 def ran(summary: dict) -> dict[str, str]:

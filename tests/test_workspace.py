@@ -50,8 +50,21 @@ def test_round_trips_and_the_bytes_the_stages_wrote_before(tmp_path: Path) -> No
     doc = {"schema_version": 1, "tasks": [t.model_dump(mode="json") for t in TASKS]}
     assert ws.tasks_file().read_text() == json.dumps(doc, indent=1)
     assert ws.assignments_file().read_text(encoding="utf-8") == (
+        '{"schema_version": 1, "id": "c1", "task": "t01-book"}\n'
+        '{"schema_version": 1, "id": "c2", "task": null}\n'
+        '{"schema_version": 1, "id": "é4", "task": "t02-ask"}\n'
+    )
+    # Lines written before each carried its version are version 1; another version is not.
+    ws.assignments_file().write_text(
         '{"id": "c1", "task": "t01-book"}\n{"id": "c2", "task": null}\n'
-        '{"id": "é4", "task": "t02-ask"}\n'
+    )
+    assert ws.assignments() == {"c1": "t01-book", "c2": None}
+    ws.assignments_file().write_text('{"schema_version": 2, "id": "c1", "task": "t01-book"}\n')
+    with pytest.raises(WorkspaceError) as e:
+        ws.assignments()
+    assert str(e.value) == (
+        f"{ws.assignments_file()}:1: schema_version 2, this slmify reads 1: "
+        "run `slmify cluster` again"
     )
     split_record = {
         "schema_version": 1,
@@ -154,6 +167,13 @@ def test_eval_reports_and_the_headline(tmp_path: Path) -> None:
     assert ws.end_to_end() == headline
     summary = tmp_path / "eval" / "endtoend" / "summary.json"
     assert summary.read_text(encoding="utf-8") == headline.model_dump_json(indent=2)
+    assert json.loads(summary.read_text())["schema_version"] == 1
+    # A headline written before it had a version reads as version 1; another version not.
+    summary.write_text(headline.model_dump_json(exclude={"schema_version"}))
+    assert ws.end_to_end() == headline
+    summary.write_text(headline.model_copy(update={"schema_version": 2}).model_dump_json())
+    with pytest.raises(WorkspaceError, match="schema_version 2, this slmify reads 1"):
+        ws.end_to_end()
     path.write_text(report.model_dump_json().replace('"schema_version":1', '"schema_version":0'))
     with pytest.raises(WorkspaceError) as e:
         ws.eval_report("t01-book")
@@ -250,7 +270,7 @@ def test_a_failed_write_leaves_the_old_file_whole(
     def crash(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("slmify.workspace.os.replace", crash)
+    monkeypatch.setattr("slmify.modelfile.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         ws.write_splits("t01-book", SPLITS.model_copy(update={"test": []}))
     assert (ws.specialist_dir("t01-book") / "splits.json").read_bytes() == before
@@ -262,6 +282,8 @@ def test_a_failed_write_leaves_the_old_file_whole(
 
 FILES = (
     "tasks.json",
+    "map.json",
+    "report.json",
     "assignments.jsonl",
     "result.json",
     "splits.json",
@@ -329,3 +351,74 @@ def test_only_the_workspace_spells_the_artifacts_paths() -> None:
         and (where := spelled_paths(path.read_text(encoding="utf-8")))
     }
     assert found == {}, "name these through slmify.workspace: " + json.dumps(found, indent=1)
+
+
+# -- the stages' summaries and the cluster report -------------------------------------------
+
+
+def test_summaries_and_the_cluster_report_round_trip(tmp_path: Path) -> None:
+    from slmify.schema import DriftFinding, Savings, StageOutcome
+    from slmify.schema_stages import (
+        CallMap,
+        ClusterSummary,
+        ManifestStatus,
+        ManifestUnreadable,
+        RunSummary,
+        TrainSummary,
+    )
+    from slmify.workspace import write_call_map, write_cluster_report
+
+    ws = Workspace.at(tmp_path)
+    assert (ws.cluster_report(), ws.call_map(), ws.train_summary(), ws.run_summary()) == (
+        (None,) * 4
+    )
+    cluster = ClusterSummary(
+        calls=5, tasks=2, unassigned=1, unassigned_share=0.2, algorithm="kmeans",
+        clusters_found=2, silhouette=None, embedded=10, embeddings_cached=0,
+        tokens="from logged usage", router_holdout={"accuracy": 0.9, "test_calls": 4},
+        embed_seconds=0.1, cluster_seconds=0.2, seconds=0.4, tasks_path="t", assignments="a",
+        report="r", router="d",
+    )  # fmt: skip
+    write_cluster_report(ws.cluster_dir(), cluster, TASKS)
+    write_call_map(
+        ws.cluster_dir(), CallMap(points=[(0.5, -1.25), (2, 3)], task=["t01-book", None])
+    )
+    report = ws.cluster_report()
+    assert (report.summary, report.tasks) == (cluster, TASKS)
+    assert type(report.summary.router_holdout["test_calls"]) is int
+    # report.json's shape as report.py wrote it by hand before.
+    doc = json.loads((ws.cluster_dir() / "report.json").read_text())
+    assert list(doc) == ["schema_version", "summary", "tasks"] and doc["schema_version"] == 1
+    assert doc["summary"] == cluster.model_dump(mode="json")
+    assert json.loads((ws.cluster_dir() / "map.json").read_text()) == {
+        "schema_version": 1,
+        "points": [[0.5, -1.25], [2.0, 3.0]],
+        "task": ["t01-book", None],
+    }
+    result = SpecialistResult(id="t01-book", status="skipped", reason="too few calls")
+    train = TrainSummary(
+        recipe="cpu", base_model="smollm2-135m", device="cpu", plan=["1 thread"], calls="curated",
+        trained=0, skipped=1, validation_loss={}, heads={}, tasks=[result],
+    )  # fmt: skip
+    ws.write_train_summary(train)
+    assert ws.train_summary() == train
+    savings = Savings(
+        specialist_share=0.0, specialist_calls=0, llm_cost_usd=1.0, llm_cost_usd_moved=0.0,
+        llm_latency_s_moved=None, prices="test",
+    )  # fmt: skip
+    status = ManifestStatus(
+        path="m", headline="h", end_to_end=None, promoted="0 of 2 tasks",
+        tasks={"t01-book": "llm: x"}, savings=savings,
+    )  # fmt: skip
+    drift = DriftFinding(kind="share-moved", task_id="t01-book", action="retrain", detail="d")
+    run = RunSummary(
+        config="c", workspace=str(tmp_path), message="m", did_work=True,
+        stages=[StageOutcome(name="collect", ran=True, reason="new", details={"read": 3})],
+        drift=[drift], demoted={}, manifest=status, exit_code=0, exit_meaning="ok",
+    )  # fmt: skip
+    for manifest in (status, ManifestUnreadable(path="m", error="bad"), None):
+        ws.write_run_summary(run.model_copy(update={"manifest": manifest}))
+        assert ws.run_summary() == run.model_copy(update={"manifest": manifest})
+    (ws.root / "run" / "summary.json").write_text(json.dumps({"summary": {}}))
+    with pytest.raises(WorkspaceError, match="no schema_version, not a RunRecord file"):
+        ws.run_summary()
