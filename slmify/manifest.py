@@ -53,7 +53,6 @@ from slmify.schema import (
     FallbackLLM,
     Manifest,
     ManifestTask,
-    PromptPruning,
     RouterSpec,
     Savings,
     SpecialistResult,
@@ -62,7 +61,7 @@ from slmify.schema import (
     TaskEvaluation,
     content_hash,
 )
-from slmify.workspace import RECIPE_FILE, Workspace
+from slmify.workspace import RECIPE_FILE, Workspace, read_pruning_file
 
 # The stage's whole interface, the file and the exports included: callers import it here.
 __all__ = [
@@ -171,7 +170,7 @@ def specialist_spec(folder: Path, result: SpecialistResult) -> SpecialistSpec:
     evaluated: serve reads this and the folders it names, never the train stage's files."""
     from slmify.recipes import read_generate_config, read_recipe_sections
 
-    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
+    pruning = read_pruning_file(folder)
     max_new_tokens = read_recipe_sections(folder / RECIPE_FILE)[0].max_new_tokens
     if result.kind != "lora":
         head = Path(result.head)

@@ -170,17 +170,16 @@ def _legacy_prompting(task_id: str, adapter: Path) -> tuple[PromptPruning, int]:
     """A manifest written before manifests held the prompting (format 1 without `pruning`):
     the train stage's files beside the adapter, as serve read them then."""
     from slmify.recipes import read_recipe_sections
-    from slmify.workspace import RECIPE_FILE
+    from slmify.workspace import PRUNING_FILE, RECIPE_FILE, read_pruning_file
 
     folder = adapter.parent  # specialists/<task id>/, as `slmify train` lays it out
-    pruning_file = folder / "pruning.json"
-    if not pruning_file.exists():
+    if not (folder / PRUNING_FILE).exists():
         raise FileNotFoundError(
-            f"{pruning_file} not found: task {task_id}'s manifest entry has no pruning and "
-            "its specialist folder is incomplete; run `slmify manifest` again"
+            f"{folder / PRUNING_FILE} not found: task {task_id}'s manifest entry has no "
+            "pruning and its specialist folder is incomplete; run `slmify manifest` again"
         )
     cfg = read_recipe_sections(folder / RECIPE_FILE)[0]
-    return PromptPruning.model_validate_json(pruning_file.read_text()), cfg.max_new_tokens
+    return read_pruning_file(folder), cfg.max_new_tokens
 
 
 # -- scope and validity -------------------------------------------------------------------

@@ -29,9 +29,11 @@ and written by one method of `Workspace`, as a model of slmify.schema:
 - specialists/<task id>/      train's folder per task (`specialist_dir`): result.json
                               (`SpecialistResult`: `result`, `write_result`), splits.json
                               (`Splits`: `splits`, `write_splits`; `read_splits_file` and
-                              `write_splits_file` for a folder outside a workspace), the
-                              resolved recipe (`recipe_file`) and metrics.json (training's
-                              figures, `write_metrics_file`; read by people only).
+                              `write_splits_file` for a folder outside a workspace),
+                              pruning.json (`PromptPruning`: `read_pruning_file`,
+                              `write_pruning_file`), the resolved recipe (`recipe_file`) and
+                              metrics.json (training's figures, `write_metrics_file`; read
+                              by people only).
 
 Readers are strict: a missing file, a missing or other `schema_version`, or a field the
 model rejects is a `WorkspaceError` naming the file. Writers write a temporary file in the
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # the schema loads on first use: `--help` stays instant
     from slmify.schema import (
         EndToEnd,
         EvalReport,
+        PromptPruning,
         RouterMeta,
         RunState,
         SpecialistResult,
@@ -90,6 +93,7 @@ SUMMARY_FILE = "summary.json"  # a stage's last summary: specialists/ and run/
 CURATION_REPORT_FILE = "curation-report.json"
 RESULT_FILE = "result.json"
 SPLITS_FILE = "splits.json"
+PRUNING_FILE = "pruning.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 
@@ -443,6 +447,22 @@ def write_metrics_file(folder: Path, metrics: Mapping[str, Any]) -> Path:
     `metrics`; no stage reads this file, so it stays a plain object with no model."""
     path = folder / METRICS_FILE
     write_text(path, json.dumps(metrics, indent=2))
+    return path
+
+
+def read_pruning_file(folder: Path) -> PromptPruning:
+    """What the task's prompts leave out (and its context policy), as training built them."""
+    from slmify.schema import PromptPruning
+
+    path = folder / PRUNING_FILE
+    if not path.exists():
+        raise WorkspaceError(f"{path} not found: run `slmify train` first")
+    return read_model(path, PromptPruning)
+
+
+def write_pruning_file(folder: Path, pruning: PromptPruning) -> Path:
+    path = folder / PRUNING_FILE
+    write_text(path, pruning.model_dump_json(indent=2))
     return path
 
 

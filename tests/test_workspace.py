@@ -422,3 +422,22 @@ def test_summaries_and_the_cluster_report_round_trip(tmp_path: Path) -> None:
     (ws.root / "run" / "summary.json").write_text(json.dumps({"summary": {}}))
     with pytest.raises(WorkspaceError, match="no schema_version, not a RunRecord file"):
         ws.run_summary()
+
+
+def test_the_pruning_as_datasets_writes_it(tmp_path: Path) -> None:
+    from slmify.schema import ContextPolicy, PromptPruning
+    from slmify.workspace import read_pruning_file, write_pruning_file
+
+    pruning = PromptPruning(
+        system="You are the booking step.",
+        tools_action="compact",
+        tools=[{"name": "book", "parameters": {"type": "object"}}],
+        context=ContextPolicy(max_turns=4),
+    )
+    with pytest.raises(WorkspaceError) as e:
+        read_pruning_file(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'pruning.json'} not found: run `slmify train` first"
+    path = write_pruning_file(tmp_path, pruning)
+    # The bytes slmify.datasets writes (model_dump_json(indent=2)).
+    assert path.read_text(encoding="utf-8") == pruning.model_dump_json(indent=2)
+    assert read_pruning_file(tmp_path) == pruning
