@@ -55,7 +55,7 @@ from slmify.schema import (
 )
 from slmify.schema_stages import ClusterSummary, RunSummary, TrainSummary
 from slmify.store import open_store
-from slmify.workspace import Workspace, write_router_meta
+from slmify.workspace import Workspace, write_pruning_file, write_router_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "calls.jsonl.gz"
@@ -162,7 +162,7 @@ class Fakes:
         weights = content_hash([ids, recipe.model_dump(mode="json")])
         (adapter / "adapter_model.safetensors").write_text(weights)
         save_resolved(recipe, ws.recipe_file(task_id))
-        (folder / "pruning.json").write_text(PromptPruning().model_dump_json())
+        write_pruning_file(folder, PromptPruning())
         ws.write_splits(task_id, assign_splits(calls, recipe.dataset, None))
         result = SpecialistResult(
             id=task_id, status="trained", adapter=str(adapter), base_model=str(self.tiny_base)

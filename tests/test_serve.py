@@ -49,6 +49,7 @@ from slmify.serve import REASON_HEADER, ROUTE_HEADER, Service, make_app
 from slmify.specialists import SpecialistPool, answer_problem, out_of_scope, task_runtimes
 from slmify.sse import assemble_stream, parse_sse
 from slmify.store import open_store
+from slmify.workspace import write_pruning_file
 
 TEXT, TOOL, REPLY = "t01-react-step", "t02-airline-tool-call", "t03-airline-reply"
 SECRET = "sk-upstream-5e4d3c2b1a-NEVER-STORED"
@@ -96,7 +97,8 @@ def _specialist(root: Path, base: Path, task_id: str, pruning: PromptPruning, se
         LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
     )
     model.save_pretrained(folder / "adapter")
-    (folder / "pruning.json").write_text(pruning.model_dump_json())
+    write_pruning_file(folder, pruning)
+    # A manifest written before it held the prompting: serve reads the recipe's cap.
     (folder / "recipe.yaml").write_text("eval: {max_new_tokens: 8}\n")
     return SpecialistSpec(
         base_model="tiny",
