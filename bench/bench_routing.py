@@ -4,7 +4,8 @@ On one dataset of ../shared/datasets (tau-airline or fireact), in a workspace th
 imported, curated and clustered (`slmify collect import --curate`, `slmify cluster`; a
 workspace that already has cluster/router/ is reused as is), this refits the router the
 cluster stage fits (slmify.router: the same input features and logistic regression, the
-saved router's projections) on held-out folds and measures it two ways:
+saved router's projections and `router_features`: a router on the last turn's n-grams has
+them in every row below, refitted per fold) on held-out folds and measures it two ways:
 
 - split by session, as `slmify cluster` scores it;
 - split by task group: tau-airline's `task_id` label (its 4 trials of one task are
@@ -79,6 +80,7 @@ class Calls:
     base_no_prev: np.ndarray  # the same without the previous action (an ablation)
     inputs: list  # InputView per call (boilerplate removed, as the router sees it)
     messages: list[list[dict]]  # the request's messages, as stored (scrubbed)
+    today: tuple[str, ...]  # the candidates the saved router already reads (its n-grams)
 
 
 def load_calls(ws: Path) -> Calls:
@@ -101,7 +103,9 @@ def load_calls(ws: Path) -> Calls:
     inputs = [v.inputs for v in views]
     # Vocabularies from all calls, as fit_router builds them before its held-out split.
     identities = sorted({v.identity for v in inputs})
-    task_vecs, turn_vecs = router.task_proj(vecs[:n]), router.turn_proj(vecs[n:])
+    # The router's own blocks: the turn's embedding only where it reads it.
+    task_vecs = router.task_proj(vecs[:n])
+    turn_vecs = None if router.turn_proj is None else router.turn_proj(vecs[n:])
     previous = sorted({v.previous_action for v in inputs})
     base = input_blocks(inputs, identities, previous, task_vecs, turn_vecs)
     return Calls(
@@ -112,6 +116,7 @@ def load_calls(ws: Path) -> Calls:
         base_no_prev=input_blocks(inputs, identities, [], task_vecs, turn_vecs),
         inputs=inputs,
         messages=[messages[v.id] for v in views],
+        today=("last-turn n-grams",) if router.ngrams is not None else (),
     )
 
 
@@ -281,7 +286,8 @@ def cross_route(calls, docs, extra, folds, args, min_conf: float, more=None) -> 
     calibrated, fixed = np.zeros(n, bool), np.zeros(n, bool)
     thresholds = []
     base = calls.base_no_prev if extra == ("-previous action",) else calls.base
-    extra = tuple(e for e in extra if e in CANDIDATES)
+    # The saved router's n-grams, when it has them, are part of every variant.
+    extra = tuple(dict.fromkeys(e for e in calls.today + extra if e in CANDIDATES))
     for f in range(k):
         test, cal = np.flatnonzero(folds == f), np.flatnonzero(folds == (f + 1) % k)
         train = np.flatnonzero((folds != f) & (folds != (f + 1) % k))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -89,6 +89,11 @@ class ClusterConfig(BaseModel):
     sample_size: int = Field(5000, ge=100)
     seed: int = 0
     router_min_confidence: float = Field(0.5, ge=0, le=1)
+    router_features: list[Literal["turn_embedding", "turn_ngrams"]] = Field(
+        default_factory=lambda: ["turn_embedding"],
+        description="What the router reads of the last turn: its MiniLM embedding (a "
+        "model pass per call) and/or the TF-IDF of its word 1-2-grams (no model pass).",
+    )
     holdout_share: float = Field(
         0.35,
         gt=0,
@@ -330,6 +335,8 @@ def discover(
         "max_seq_length": config.max_seq_length,
         "min_confidence": config.router_min_confidence,
         "shared_lines": {ident: sorted(keys) for ident, keys in shared.items()},
+        # A fixed order, whatever the recipe's: the feature blocks follow it.
+        "features": [f for f in ("turn_embedding", "turn_ngrams") if f in config.router_features],
     }
     router = fit_router(
         views, task_of, task_raw, turn_raw, projections, settings, config.holdout_share, config.seed

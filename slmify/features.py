@@ -11,7 +11,9 @@ much the block counts:
   options, a yes/no question, an open question, structured data, a statement);
 - task text: the first user message (the task statement), embedded;
 - turn text: the last user or tool message (what the LLM reacts to now), embedded;
-- router only: the role of that last turn and the agent's previous action.
+- router only: the role of that last turn, the agent's previous action, and optionally
+  the TF-IDF of the last turn's word 1-2-grams (`Ngrams`: a vocabulary and idf weights,
+  no model pass, so it costs microseconds where the turn's embedding costs milliseconds).
 
 The texts keep only what varies across an agent's calls: the system prompt and tool
 schemas are never embedded, and lines that recur in most of one agent's calls (a policy
@@ -178,24 +180,87 @@ class Projection:
         return z / np.maximum(norms, 1e-9)
 
 
+# sklearn's default word pattern: words of two or more characters, lowercased.
+WORD = re.compile(r"(?u)\b\w\w+\b")
+NGRAM_FEATURES = 5000  # most frequent 1-2-grams kept: bench_routing's vocabulary size
+
+
+@dataclass
+class Ngrams:
+    """TF-IDF of word 1-2-grams (sublinear tf, rows of unit norm) over a fixed vocabulary.
+
+    Fitted by sklearn's TfidfVectorizer (min_df 2, the NGRAM_FEATURES most frequent
+    terms); applied by this class alone, at fit time and at routing alike, so the vectors
+    a router was fitted on are the ones it routes with, and loading it needs only the
+    terms (router.json) and their idf (router.npz)."""
+
+    terms: list[str]
+    idf: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.index = {t: i for i, t in enumerate(self.terms)}
+
+    @classmethod
+    def fit(cls, texts: list[str]) -> Ngrams:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(
+            ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=NGRAM_FEATURES
+        )
+        try:
+            vec.fit(texts)
+        except ValueError:  # no term in two texts (a tiny log): an empty block
+            return cls([], np.zeros(0, np.float32))
+        return cls(vec.get_feature_names_out().tolist(), vec.idf_.astype(np.float32))
+
+    def __call__(self, texts: list[str]):  # noqa: ANN204 - a scipy CSR matrix
+        from scipy import sparse
+
+        data: list[float] = []
+        cols: list[int] = []
+        indptr = [0]
+        for text in texts:
+            words = WORD.findall(text.lower())
+            pairs = [f"{a} {b}" for a, b in zip(words[:-1], words[1:], strict=True)]
+            counts = Counter(words + pairs)
+            found = sorted((self.index[t], n) for t, n in counts.items() if t in self.index)
+            weights = np.array(
+                [(1.0 + np.log(n)) * self.idf[j] for j, n in found], dtype=np.float64
+            )
+            norm = np.sqrt((weights**2).sum())
+            data.extend((weights / norm if norm > 0 else weights).tolist())
+            cols.extend(j for j, _ in found)
+            indptr.append(len(cols))
+        shape = (len(texts), len(self.terms))
+        return sparse.csr_matrix((np.array(data, np.float32), cols, indptr), shape=shape)
+
+
 def input_blocks(
     views: list[InputView],
     identities: list[str],
     previous_actions: list[str],
     task_vecs: np.ndarray,
-    turn_vecs: np.ndarray,
-) -> np.ndarray:
-    """The router's features: everything known before the LLM answers, unweighted."""
-    return np.hstack(
+    turn_vecs: np.ndarray | None,
+    ngrams: Ngrams | None = None,
+):  # noqa: ANN201 - an ndarray, or a CSR matrix with the n-gram block
+    """The router's features: everything known before the LLM answers, unweighted. The
+    turn's embedding and n-grams are optional blocks (None: left out)."""
+    dense = np.hstack(
         [
             onehot([v.identity for v in views], identities),
             onehot([input_shape(v.task_text) for v in views], list(INPUT_SHAPES)),
             onehot([v.turn_role for v in views], list(TURN_ROLES)),
             onehot([v.previous_action for v in views], previous_actions),
             task_vecs,
-            turn_vecs,
+            *([] if turn_vecs is None else [turn_vecs]),
         ]
     ).astype(np.float32)
+    if ngrams is None:
+        return dense
+    from scipy import sparse
+
+    block = ngrams([v.turn_text for v in views])
+    return sparse.hstack([sparse.csr_matrix(dense), block], format="csr", dtype=np.float32)
 
 
 @dataclass

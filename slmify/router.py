@@ -1,19 +1,24 @@
 """The runtime router: which task a request belongs to, or the LLM, before it answers.
 
 `slmify cluster` fits it on input-only features (agent identity, the task statement's
-answer format, the last turn's role, the agent's previous action, and the projected
-embeddings of the task statement and last turn) against the clustering's own
-assignment, on the sessions eval never replays, scores it on those eval replays, and saves it to
-WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes, vocabularies, settings,
-held-out score; read and written by slmify.workspace, strictly) and `router.npz` (the
-projections and the logistic-regression weights). No pickle: both files are inspectable
-and loading runs no code from them.
+answer format, the last turn's role, the agent's previous action, the projected
+embedding of the task statement, and the blocks the recipe's `router_features` name: the
+last turn's projected embedding and/or the TF-IDF of its word 1-2-grams) against the
+clustering's own assignment, on the sessions eval never replays, scores it on those eval
+replays, and saves it to WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes,
+vocabularies, the n-gram terms, settings, held-out score; read and written by
+slmify.workspace, strictly) and `router.npz` (the projections, the n-grams' idf and the
+logistic-regression weights). No pickle: both files are inspectable and loading runs no
+code from them. A router.json without `features` (written before it) uses the turn's
+embedding and no n-grams, as routers then did.
 
 `load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
 confidence)` for "stay with the LLM"; `route_many` routes several requests in one pass,
 and `RouteBatcher` gathers the concurrent calls of an asyncio server (`slmify serve`) into
-such batches. At routing time the work is one MiniLM pass on the last turn (the task
-statement repeats across a session and is cached), a matmul and a softmax.
+such batches. At routing time the work is, with the turn's embedding, one MiniLM pass on
+the last turn (the task statement repeats across a session and is cached: one pass per
+session), and without it none past a session's first call; then the n-gram lookup, a
+matmul and a softmax.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from slmify.features import CallView, InputView, Projection, dynamic_text, input_blocks, input_view
+from slmify.features import (
+    CallView,
+    InputView,
+    Ngrams,
+    Projection,
+    dynamic_text,
+    input_blocks,
+    input_view,
+)
 from slmify.schema import ChatRequest, RouterMeta
 from slmify.workspace import read_router_meta, router_weights_file, write_router_meta
 
@@ -34,15 +47,18 @@ LLM = "LLM"
 TASK_CACHE_SIZE = 10000
 # Requests routed in one forward pass at most: the batch pads to its longest text.
 MAX_ROUTE_BATCH = 32
+# What a router.json written before `features` used besides the fixed blocks.
+LEGACY_FEATURES = ("turn_embedding",)
 
 
 @dataclass
 class Router:
     meta: RouterMeta
     task_proj: Projection
-    turn_proj: Projection
+    turn_proj: Projection | None  # None: the turn is not embedded
     coef: np.ndarray
     intercept: np.ndarray
+    ngrams: Ngrams | None = None  # None: no n-gram block
 
     def __post_init__(self) -> None:
         self._embedder: Any = None
@@ -64,13 +80,15 @@ class Router:
         ]
         return labels, conf
 
-    def features(self, views: list[InputView], task_vecs: np.ndarray, turn_vecs: np.ndarray):
+    def features(self, views: list[InputView], task_vecs: np.ndarray, turn_vecs: np.ndarray | None):
+        """The input features of `views` (`turn_vecs`: None when the turn is not embedded)."""
         return input_blocks(
             views,
             self.meta.identities,
             self.meta.previous_actions,
             self.task_proj(task_vecs),
-            self.turn_proj(turn_vecs),
+            None if self.turn_proj is None else self.turn_proj(turn_vecs),
+            self.ngrams,
         )
 
     def prepare(self, request: ChatRequest) -> InputView | None:
@@ -103,10 +121,10 @@ class Router:
             cache.clear()
         # A task statement is embedded once per session; one that is also a turn here (the
         # session's first call) takes that turn's vector.
-        turns = [v.turn_text for v in known]
+        turns = [v.turn_text for v in known] if self.turn_proj is not None else []
         fresh = sorted({v.task_text for v in known} - cache.keys() - set(turns))
-        vecs = self._embed(turns + fresh)
-        turn_vecs = vecs[: len(known)]
+        vecs = self._embed(turns + fresh) if turns or fresh else []
+        turn_vecs = vecs[: len(turns)] if turns else None
         found = dict(zip(turns + fresh, vecs, strict=True))
         cache.update({v.task_text: found[v.task_text] for v in known if v.task_text not in cache})
         task_vecs = np.stack([cache[v.task_text] for v in known])
@@ -128,15 +146,17 @@ class Router:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            router_weights_file(folder),
-            coef=self.coef,
-            intercept=self.intercept,
-            task_mean=self.task_proj.mean,
-            task_components=self.task_proj.components,
-            turn_mean=self.turn_proj.mean,
-            turn_components=self.turn_proj.components,
-        )
+        arrays = {
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "task_mean": self.task_proj.mean,
+            "task_components": self.task_proj.components,
+        }
+        if (turn := self.turn_proj) is not None:
+            arrays |= {"turn_mean": turn.mean, "turn_components": turn.components}
+        if self.ngrams is not None:
+            arrays["turn_idf"] = self.ngrams.idf
+        np.savez(router_weights_file(folder), **arrays)
         write_router_meta(folder, self.meta)
 
 
@@ -180,14 +200,23 @@ def load_router(path: str | Path) -> Router:
     folder = Path(path)
     folder = folder.parent if folder.suffix == ".json" else folder
     meta = read_router_meta(folder)
+    blocks = router_blocks(meta)
     with np.load(router_weights_file(folder)) as a:
         return Router(
             meta=meta,
             task_proj=Projection(a["task_mean"], a["task_components"]),
-            turn_proj=Projection(a["turn_mean"], a["turn_components"]),
+            turn_proj=Projection(a["turn_mean"], a["turn_components"])
+            if "turn_embedding" in blocks
+            else None,
             coef=a["coef"],
             intercept=a["intercept"],
+            ngrams=Ngrams(meta.turn_ngrams, a["turn_idf"]) if "turn_ngrams" in blocks else None,
         )
+
+
+def router_blocks(meta: RouterMeta) -> tuple[str, ...]:
+    """The optional feature blocks a router uses (`RouterMeta.features`)."""
+    return LEGACY_FEATURES if meta.features is None else tuple(meta.features)
 
 
 def fit_router(
@@ -208,7 +237,8 @@ def fit_router(
     routing figures are on calls the router never saw. When every session is held out
     (a tiny log), the router is fitted on all of them and its metadata says so
     (`held_out_share` None). `settings` carries what routing needs besides the weights
-    (embedding model and length, shared lines, minimum confidence).
+    (embedding model and length, shared lines, minimum confidence, `features`: the
+    optional blocks). The n-gram vocabulary is fitted on the fitted calls' last turns only.
     """
     from slmify.datasets import hash_unit
 
@@ -220,24 +250,31 @@ def fit_router(
         holdout={},
         classes=[],
     )
-    task_proj, turn_proj = projections
-    X = input_blocks(
-        inputs, meta.identities, meta.previous_actions, task_proj(task_vecs), turn_proj(turn_vecs)
-    )
-    y = np.array([t or LLM for t in task_of])
     held = np.array([hash_unit(v.session) < held_out_share for v in views], dtype=bool)
     if held.all():  # a tiny log: nothing left to fit on but the held-out sessions
         held[:] = False
         share, holdout = None, {"accuracy": None, "reason": "every session is held out"}
     else:
         share, holdout = held_out_share, {}
-    classes, coef, intercept = _fit_linear(X[~held], y[~held], seed)
-    meta = meta.model_copy(update={"classes": classes, "held_out_share": share})
-    router = Router(meta, task_proj, turn_proj, coef, intercept)
+    fit, test = np.flatnonzero(~held), np.flatnonzero(held)
+    blocks = router_blocks(meta)
+    ngrams = Ngrams.fit([inputs[i].turn_text for i in fit]) if "turn_ngrams" in blocks else None
+    task_proj, turn_proj = projections
+    router = Router(
+        meta.model_copy(update={"turn_ngrams": ngrams.terms if ngrams else []}),
+        task_proj,
+        turn_proj if "turn_embedding" in blocks else None,
+        np.zeros((0, 0), np.float32),
+        np.zeros(0, np.float32),
+        ngrams,
+    )
+    X = router.features(inputs, task_vecs, turn_vecs)
+    y = np.array([t or LLM for t in task_of])
+    classes, router.coef, router.intercept = _fit_linear(X[fit], y[fit], seed)
+    router.meta = router.meta.model_copy(update={"classes": classes, "held_out_share": share})
     if not holdout:
-        sessions = [views[i].session for i in np.flatnonzero(held)]
-        holdout = _holdout(router, X[held], y[held], sessions)
-    router.meta = meta.model_copy(update={"holdout": holdout})
+        holdout = _holdout(router, X[test], y[test], [views[i].session for i in test])
+    router.meta = router.meta.model_copy(update={"holdout": holdout})
     return router
 
 

@@ -165,6 +165,17 @@ class RouterMeta(BaseModel):
         "(eval replays them); None: fitted on every call (a router written before this "
         "field, or a log whose every session is held out).",
     )
+    features: list[Literal["turn_embedding", "turn_ngrams"]] | None = Field(
+        None,
+        description="The optional blocks the router reads of the last turn, besides the "
+        "fixed ones (identity, answer format, turn role, previous action, task embedding); "
+        "None: written before this field, the turn embedding only.",
+    )
+    turn_ngrams: list[str] = Field(
+        default_factory=list,
+        description="The last turn's word 1-2-gram vocabulary, in column order (their idf "
+        "in router.npz); empty without the turn_ngrams block.",
+    )
 
 
 # -- S4/S5 train --------------------------------------------------------------------------

@@ -246,3 +246,79 @@ def test_run_holds_out_what_the_train_recipe_replays(tmp_path: Path) -> None:
     assert config.holdout_share == pytest.approx(0.5)
     wide = ClusterRunConfig(overrides=["holdout_share=0.6"])
     assert resolve_cluster_recipe(wide, tmp_path, recipe).holdout_share == 0.6
+
+
+def _copy(ws: Workspace, to: Path) -> Workspace:
+    shutil.copytree(ws.root, to)
+    return Workspace.resolve(to)
+
+
+def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
+    tau: tuple[Workspace, dict], tmp_path: Path
+) -> None:
+    """router_features=[turn_ngrams]: the last turn's TF-IDF replaces its embedding, its
+    vectors are sklearn's, and MiniLM embeds only each session's task statement, once."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from slmify.features import load_views, strip_boilerplate
+    from slmify.workspace import router_weights_file
+
+    ws = _copy(tau[0], tmp_path / "ws")
+    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=["turn_ngrams"]))
+    assert ws.assignments() == tau[0].assignments()  # the router's features leave the tasks
+    router = load_router(ws.router_dir())
+    assert router.meta.features == ["turn_ngrams"] and router.turn_proj is None
+    with np.load(router_weights_file(ws.router_dir())) as a:
+        assert "turn_mean" not in a and a["turn_idf"].shape == (len(router.meta.turn_ngrams),)
+    # Vocabulary and idf are sklearn's on the fitted calls' last turns (boilerplate
+    # removed); the loaded router gives sklearn's vectors for every call.
+    with open_store(ws.store_url) as st:
+        views, _ = strip_boilerplate(load_views(st, len))
+    turns = [v.inputs.turn_text for v in views]
+    fitted = [t for v, t in zip(views, turns, strict=True) if hash_unit(v.session) >= 0.35]
+    assert 0 < len(fitted) < len(turns)
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=5000)
+    tfidf.fit(fitted)
+    assert router.meta.turn_ngrams == tfidf.get_feature_names_out().tolist()
+    assert abs(router.ngrams(turns) - tfidf.transform(turns)).max() < 1e-6
+    # Routing: MiniLM reads each distinct task statement once, never a later turn.
+    embedded: list[str] = []
+    embed = router._embed
+    router._embed = lambda texts: embedded.extend(texts) or embed(texts)
+    with open_store(ws.store_url) as st:
+        calls = [s.record for s in st.iter_calls()][:40]
+    routed = [router.route(c.request) for c in calls]
+    assert sorted(embedded) == sorted({router.prepare(c.request).task_text for c in calls})
+    assigned = ws.assignments()
+    agree = sum(t == assigned.get(c.id) for c, (t, _) in zip(calls, routed, strict=True))
+    assert agree >= 0.6 * len(calls)
+
+
+def test_a_router_json_without_features_routes_as_before(
+    tau: tuple[Workspace, dict], tmp_path: Path
+) -> None:
+    """A router.json written before `features` and `turn_ngrams` (the turn's embedding, no
+    n-grams) loads and routes exactly as the router that wrote it."""
+    ws = _copy(tau[0], tmp_path / "ws")
+    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=["turn_embedding"]))
+    with open_store(ws.store_url) as st:
+        requests = [s.record.request for s in st.iter_calls()][:12]
+    router = load_router(ws.router_dir())
+    assert router.meta.features == ["turn_embedding"] and router.ngrams is None
+    before = router.route_many(requests)
+    path = ws.router_dir() / "router.json"
+    old = json.loads(path.read_text(encoding="utf-8"))
+    assert old.pop("features") == ["turn_embedding"] and old.pop("turn_ngrams") == []
+    path.write_text(json.dumps(old, indent=1), encoding="utf-8")
+    legacy = load_router(ws.router_dir())
+    assert legacy.meta.features is None and legacy.turn_proj is not None
+    assert legacy.route_many(requests) == before
+
+
+def test_router_features_name_the_bad_one() -> None:
+    with pytest.raises(ClusterError) as e:
+        load_cluster_config("default", ["router_features=[turn_ngrams, turn_words]"])
+    assert str(e.value).endswith(
+        "router_features.1: Input should be 'turn_embedding' or 'turn_ngrams'"
+    )

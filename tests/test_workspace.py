@@ -111,11 +111,29 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
         "classes": ["LLM", "t01-book"],
     }
     path = ws.router_dir() / "router.json"
-    assert path.read_text(encoding="utf-8") == json.dumps(old | {"held_out_share": None}, indent=1)
+    added = {"held_out_share": None, "features": None, "turn_ngrams": []}
+    assert path.read_text(encoding="utf-8") == json.dumps(old | added, indent=1)
     assert type(ws.router_meta().holdout["test_calls"]) is int
     # A router written before held_out_share: fitted on every call, as it then was.
     path.write_text(json.dumps(old, indent=1), encoding="utf-8")
     assert ws.router_meta() == meta and ws.router_meta().held_out_share is None
+    # ...and before features and turn_ngrams: the turn's embedding, no n-grams.
+    path.write_text(json.dumps(old | {"held_out_share": 0.35}, indent=1), encoding="utf-8")
+    assert ws.router_meta() == meta.model_copy(update={"held_out_share": 0.35})
+    assert (ws.router_meta().features, ws.router_meta().turn_ngrams) == (None, [])
+    # A router on the last turn's n-grams: its blocks and vocabulary, after the old keys.
+    ngrams = meta.model_copy(
+        update={"held_out_share": 0.35, "features": ["turn_ngrams"], "turn_ngrams": ["a", "a b"]}
+    )
+    write_router_meta(ws.router_dir(), ngrams)
+    added = {"held_out_share": 0.35, "features": ["turn_ngrams"], "turn_ngrams": ["a", "a b"]}
+    assert path.read_text(encoding="utf-8") == json.dumps(old | added, indent=1)
+    assert ws.router_meta() == ngrams
+    path.write_text(json.dumps(old | added | {"features": ["turn_words"]}), encoding="utf-8")
+    with pytest.raises(WorkspaceError) as e:
+        ws.router_meta()
+    names = "'turn_embedding' or 'turn_ngrams'"
+    assert str(e.value) == f"{path}: not a RouterMeta (features.0: Input should be {names})"
     # What tests/test_run.py forged before: no version, no vocabularies.
     path.write_text(json.dumps({**ROUTER_SETTINGS, "schema_version": 1, "classes": []}))
     with pytest.raises(WorkspaceError) as e:
