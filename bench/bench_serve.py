@@ -9,7 +9,9 @@ task with the most calls, and a manifest pointing at both. Then prints:
 1. router decision time: `router.route(request)` in-process on 100 calls it was not fitted
    on, after a warm-up: p50 / p99 (target < 10 ms), as served (bf16 one-pass embedding on
    CPUs with bf16) and against the same router embedding in float32, with how many
-   decisions the two share;
+   decisions the two share. The default recipe's router reads the last turn's n-grams and
+   embeds only task statements it has not cached (bench/bench_router.py compares the
+   recipe's `router_features` settings on whole held-out sets);
 2. the specialist: K FireAct requests the router sends to it, one at a time, through the
    real `slmify serve` (its own process): latency p50 / max, generated tokens/s
    (generation capped at MAX_NEW tokens);
