@@ -74,7 +74,7 @@ def run_set(name: str, workdir: Path) -> dict:
     with open_store(ws.store_url) as st:
         if st.count_calls() == 0:
             import_files(st, [DATASETS / name / "calls.jsonl.gz"], ws.path("rejects.jsonl"))
-        summary = cluster_store(st, ws, ClusterConfig())
+        summary = cluster_store(st, ws, ClusterConfig()).model_dump()
         rows = [json.loads(x) for x in (ws.root / "assignments.jsonl").read_text().splitlines()]
         truth_of = labels(name)
         ids, truth = [r["id"] for r in rows], [truth_of[r["id"]] for r in rows]

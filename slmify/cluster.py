@@ -41,9 +41,10 @@ from slmify.features import (
 )
 from slmify.router import Router, fit_router
 from slmify.schema import TaskCluster
+from slmify.schema_stages import ClusterSummary
 from slmify.store import Store
 from slmify.tasks import DEFAULT_PRICES, ModelPrice, describe_tasks
-from slmify.workspace import Workspace
+from slmify.workspace import Workspace, cluster_page_file
 
 # Constructors taking (number of clusters or None, config); any object with `fit` and
 # `labels_` (-1 = noise) fits the slot.
@@ -253,8 +254,9 @@ def drop_outliers(labels: np.ndarray, dist: np.ndarray, config: ClusterConfig) -
 
 def cluster_store(
     store: Store, ws: Workspace, config: ClusterConfig, progress: bool = False
-) -> dict[str, Any]:
-    """Discover task types in the store's calls; write WORKSPACE/cluster/; return a summary."""
+) -> ClusterSummary:
+    """Discover task types in the store's calls; write WORKSPACE/cluster/; return a summary
+    (also kept in cluster/report.json)."""
     started = time.perf_counter()
     # 1. The calls; the embedder's tokenizer estimates tokens where the logs lack usage.
     embedder = Embedder(config.embedding_model, config.max_seq_length)
@@ -278,28 +280,28 @@ def cluster_store(
     final = ws.cluster_dir()
     tasks, task_of, router = found.tasks, found.task_of, found.router
     unassigned = sum(t is None for t in task_of)
-    summary = {
-        "calls": n,
-        "tasks": len(tasks),
-        "unassigned": unassigned,
-        "unassigned_share": round(unassigned / n, 4),
-        "algorithm": config.algorithm,
-        "clusters_found": found.clusters,
-        "silhouette": None if found.silhouette is None else round(found.silhouette, 4),
-        "embedded": embedded,
-        "embeddings_cached": len(set(texts)) - embedded,
-        "tokens": f"estimated with the {config.embedding_model} tokenizer (logs lack usage)"
+    summary = ClusterSummary(
+        calls=n,
+        tasks=len(tasks),
+        unassigned=unassigned,
+        unassigned_share=round(unassigned / n, 4),
+        algorithm=config.algorithm,
+        clusters_found=found.clusters,
+        silhouette=None if found.silhouette is None else round(found.silhouette, 4),
+        embedded=embedded,
+        embeddings_cached=len(set(texts)) - embedded,
+        tokens=f"estimated with the {config.embedding_model} tokenizer (logs lack usage)"
         if any(v.tokens_estimated for v in views)
         else "from logged usage",
-        "router_holdout": router.meta.holdout,
-        "embed_seconds": round(t_embed, 2),
-        "cluster_seconds": round(t_cluster, 2),  # with describing and the router
-        "seconds": round(time.perf_counter() - started, 2),
-        "tasks_path": str(ws.tasks_file()),
-        "assignments": str(ws.assignments_file()),
-        "report": str(final / "report.html"),
-        "router": str(final / "router"),
-    }
+        router_holdout=router.meta.holdout,
+        embed_seconds=round(t_embed, 2),
+        cluster_seconds=round(t_cluster, 2),  # with describing and the router
+        seconds=round(time.perf_counter() - started, 2),
+        tasks_path=str(ws.tasks_file()),
+        assignments=str(ws.assignments_file()),
+        report=str(cluster_page_file(final)),
+        router=str(ws.router_dir()),
+    )
     _write(ws, final, config, summary, tasks, views, task_of, router, found.features)
     return summary
 
@@ -371,7 +373,7 @@ def _write(ws, final, config, summary, tasks, views, task_of, router, features) 
     meta = {
         "config": config.model_dump(mode="json"),
         "python": platform.python_version(),
-        "summary": summary,
+        "summary": summary.model_dump(mode="json"),
     }
     (staging / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
     old = ws.root / ".cluster-old"

@@ -134,7 +134,6 @@ def write_report(
 ) -> None:
     """report.html, report.json and map.json into `folder` (a staging folder: the caller
     renames)."""
-    summary = ClusterSummary.model_validate(summary)  # TRANSITIONAL until cluster passes one
     rows, points = map_points(features)
     png = map_png(points, [task_of[i] for i in rows], tasks)
     cluster_page_file(folder).write_text(render_html(summary, tasks, png), encoding="utf-8")

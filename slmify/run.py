@@ -57,7 +57,7 @@ from slmify.runconfig import (
     resolve_sources,
 )
 from slmify.schema import Demotion, DriftFinding, RunState, StageOutcome, content_hash
-from slmify.schema_stages import ClusterSummary, RunSummary
+from slmify.schema_stages import RunSummary
 from slmify.workspace import Workspace
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CODES", "run_pipeline"]
@@ -207,9 +207,7 @@ class Pipeline:
         )
         self.state.cluster_settings = settings
         self.state.stages["cluster"] = inputs
-        found = ClusterSummary.model_validate(summary).model_dump(  # TRANSITIONAL
-            include={"calls", "tasks", "unassigned", "silhouette"}
-        )
+        found = summary.model_dump(include={"calls", "tasks", "unassigned", "silhouette"})
         return StageOutcome(
             name="cluster", ran=True, reason=f"re-clustered: {reason}", details=found | details
         )

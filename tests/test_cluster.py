@@ -21,6 +21,7 @@ from slmify.datasets import hash_unit
 from slmify.embed import Embedder
 from slmify.router import load_router
 from slmify.schema import ChatRequest, message_text
+from slmify.schema_stages import ClusterSummary
 from slmify.store import open_store
 from slmify.workspace import Workspace
 
@@ -42,7 +43,7 @@ def labels(name: str, key: str) -> dict[str, str]:
         return {row["id"]: row[key] for row in map(json.loads, f)}
 
 
-def run(ws: Workspace, files: list[Path], config: ClusterConfig | None = None) -> dict:
+def run(ws: Workspace, files: list[Path], config: ClusterConfig | None = None) -> ClusterSummary:
     with open_store(ws.store_url) as st:
         if files:
             import_files(st, files, ws.path("rejects.jsonl"))
@@ -50,14 +51,14 @@ def run(ws: Workspace, files: list[Path], config: ClusterConfig | None = None) -
 
 
 @pytest.fixture(scope="module")
-def fireact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+def fireact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, ClusterSummary]:
     root = tmp_path_factory.mktemp("fireact")
     ws = Workspace.resolve(root / "ws")
     return ws, run(ws, [write_sample("fireact", 12, root / "fireact.jsonl")])
 
 
 @pytest.fixture(scope="module")
-def tau(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+def tau(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, ClusterSummary]:
     root = tmp_path_factory.mktemp("tau")
     ws = Workspace.resolve(root / "ws")
     # A tenth of the sessions: a tool called 5 times here is called 50 times in the set,
@@ -78,20 +79,26 @@ def test_sample_matches_labels(sample, name, key, bar, request: pytest.FixtureRe
     truth = labels(name, key)
     score = v_measure_score([truth[c] for c in assigned], [t or "-" for t in assigned.values()])
     assert score >= bar, f"V-measure {score:.3f} on the {name} sample"
-    assert summary["unassigned_share"] <= 0.10
+    assert summary.unassigned_share <= 0.10
     tasks = ws.tasks()  # its schema_version checked
     # Every call is counted once: in a task or unassigned.
-    assert sum(t.calls for t in tasks) + summary["unassigned"] == summary["calls"]
-    assert len(assigned) == summary["calls"]
+    assert sum(t.calls for t in tasks) + summary.unassigned == summary.calls
+    assert len(assigned) == summary.calls
     assert all(set(t.representatives) <= set(assigned) for t in tasks)
     assert (ws.cluster_dir() / "report.html").read_text().count("<tr>") == len(tasks) + 1
+    # report.json is the summary and the tasks; map.json a sample of the calls, by task.
+    report = ws.cluster_report()
+    assert (report.summary, report.tasks) == (summary, tasks)
+    spots = ws.call_map()
+    assert len(spots.points) == len(spots.task) == min(summary.calls, 2000)
+    assert set(spots.task) <= {t.id for t in tasks} | {None}
 
 
-def test_rerun_same_ids_and_nothing_reembedded(tau: tuple[Workspace, dict]) -> None:
+def test_rerun_same_ids_and_nothing_reembedded(tau: tuple[Workspace, ClusterSummary]) -> None:
     ws, first = tau
     before = ws.assignments()
     again = run(ws, [], ClusterConfig(min_cluster_calls=3))
-    assert again["embedded"] == 0 and again["embeddings_cached"] > 0
+    assert again.embedded == 0 and again.embeddings_cached > 0
     assert ws.assignments() == before
 
 
@@ -116,10 +123,10 @@ def test_ids_follow_tasks_when_calls_arrive(tmp_path: Path) -> None:
             assert task == top
 
 
-def test_router_roundtrip(tau: tuple[Workspace, dict]) -> None:
+def test_router_roundtrip(tau: tuple[Workspace, ClusterSummary]) -> None:
     ws, summary = tau
-    assert summary["router_holdout"]["accuracy"] is not None
-    router = load_router(summary["router"])
+    assert summary.router_holdout["accuracy"] is not None
+    router = load_router(summary.router)
     assigned = ws.assignments()
     with open_store(ws.store_url) as st:
         calls = [s.record for s in st.iter_calls()][:12]
@@ -135,14 +142,16 @@ def test_router_roundtrip(tau: tuple[Workspace, dict]) -> None:
     )
     assert router.route(stranger) == (None, 1.0)
     # Routed together (as `slmify serve` batches concurrent calls): the same decisions.
-    together = load_router(summary["router"]).route_many([c.request for c in calls] + [stranger])
+    together = load_router(summary.router).route_many([c.request for c in calls] + [stranger])
     assert [t for t, _ in together] == [t for t, _ in routed] + [None]
     assert [c for _, c in together[:-1]] == pytest.approx([c for _, c in routed], abs=0.01)
 
 
-def test_the_router_never_fits_the_sessions_eval_replays(tau: tuple[Workspace, dict]) -> None:
+def test_the_router_never_fits_the_sessions_eval_replays(
+    tau: tuple[Workspace, ClusterSummary],
+) -> None:
     ws, summary = tau
-    router = load_router(summary["router"])
+    router = load_router(summary.router)
     assert router.meta.held_out_share == ClusterConfig().holdout_share == 0.35
     # Its score is on exactly the sessions the train stage's split hash holds out (test
     # and calibration under the shipped recipes' fractions), every call of them.
@@ -204,25 +213,28 @@ def test_cli_json_names_the_artifacts(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    for key in ("assignments", "tasks_path", "report", "router", "calls", "unassigned"):
-        assert key in summary
+    # The summary the stage kept, key for key, as the dict it printed before it had a model.
+    assert list(summary) == list(ClusterSummary.model_fields)
+    assert summary == Workspace.at(ws).cluster_report().summary.model_dump(mode="json")
     assert Path(summary["assignments"]) == Workspace.at(ws).assignments_file()
     assert len(Path(summary["assignments"]).read_text().splitlines()) == summary["calls"]
 
 
 @pytest.mark.parametrize("algorithm", ["agglomerative", "hdbscan"])
-def test_other_clusterers(algorithm: str, tau: tuple[Workspace, dict], tmp_path: Path) -> None:
+def test_other_clusterers(
+    algorithm: str, tau: tuple[Workspace, ClusterSummary], tmp_path: Path
+) -> None:
     ws, _ = tau
     copy = Workspace.resolve(tmp_path / "ws")
     shutil.copy(ws.store_url, copy.store_url)  # the calls and their cached embeddings
     summary = run(copy, [], ClusterConfig(algorithm=algorithm, min_cluster_calls=3))
-    assert summary["embedded"] == 0 and summary["tasks"] >= 2
-    assert summary["unassigned_share"] <= 0.25
-    assert Path(summary["tasks_path"]) == copy.tasks_file()
-    assert sum(t.calls for t in copy.tasks()) + summary["unassigned"] == summary["calls"]
+    assert summary.embedded == 0 and summary.tasks >= 2
+    assert summary.unassigned_share <= 0.25
+    assert Path(summary.tasks_path) == copy.tasks_file()
+    assert sum(t.calls for t in copy.tasks()) + summary.unassigned == summary.calls
 
 
-def test_fast_embedding_keeps_the_vectors(tau: tuple[Workspace, dict]) -> None:
+def test_fast_embedding_keeps_the_vectors(tau: tuple[Workspace, ClusterSummary]) -> None:
     """The router's one-pass (bf16 where the CPU has it) vectors match clustering's."""
     ws, _ = tau
     with open_store(ws.store_url) as st:
@@ -254,7 +266,7 @@ def _copy(ws: Workspace, to: Path) -> Workspace:
 
 
 def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
-    tau: tuple[Workspace, dict], tmp_path: Path
+    tau: tuple[Workspace, ClusterSummary], tmp_path: Path
 ) -> None:
     """router_features=[turn_ngrams]: the last turn's TF-IDF replaces its embedding, its
     vectors are sklearn's, and MiniLM embeds only each session's task statement, once."""
@@ -296,7 +308,7 @@ def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
 
 
 def test_a_router_json_without_features_routes_as_before(
-    tau: tuple[Workspace, dict], tmp_path: Path
+    tau: tuple[Workspace, ClusterSummary], tmp_path: Path
 ) -> None:
     """A router.json written before `features` and `turn_ngrams` (the turn's embedding, no
     n-grams) loads and routes exactly as the router that wrote it."""

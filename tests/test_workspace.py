@@ -317,8 +317,9 @@ SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
 
 
 def spelled_paths(source: str) -> list[str]:
-    """Where a module spells an artifact's name: a file name in any string but a docstring,
-    or a folder name joined onto the workspace (`ws.root / "cluster"`, `ws.path("cluster")`)."""
+    """Where a module spells an artifact's name: a file name in any string but a docstring
+    or a field's `description=` (documentation, as docstrings are), or a folder name joined
+    onto the workspace (`ws.root / "cluster"`, `ws.path("cluster")`)."""
     tree = ast.parse(source)
     docstrings = {
         id(node.body[0].value)
@@ -327,6 +328,11 @@ def spelled_paths(source: str) -> list[str]:
         and node.body
         and isinstance(node.body[0], ast.Expr)
         and isinstance(node.body[0].value, ast.Constant)
+    }
+    docstrings |= {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.keyword) and node.arg == "description"
     }
     found = []
     for node in ast.walk(tree):
@@ -351,6 +357,7 @@ def test_the_check_sees_each_spelling() -> None:
     src = (
         'a = ws.root / "cluster" / "tasks.json"\nb = ws_root / "specialists"\n'
         'c = self.ws.path("cluster", "x")\nd = RECIPES_DIR / "cluster"\ne = f"{x}/splits.json"\n'
+        'f = Field(description="weights in router.npz")\n'
     )
     assert spelled_paths(src) == [
         "line 1: 'cluster'",
