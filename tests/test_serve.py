@@ -733,7 +733,11 @@ def test_serve_reads_only_the_manifest_and_what_it_names(demo_trained, tmp_path,
     lora = [t.id for t in tasks if ws.result(t.id).kind == "lora" and t.output_shape != "text"]
     free = lora[0]
     overrides = [f"model.base={tiny_base}", *TINY_TRAIN, "generate.constrained=false"]
-    run_cli("train", "-w", str(root), "--task", free, *sets(overrides))
+    trained = run_cli("train", "-w", str(root), "--task", free, *sets(overrides))
+    # What `--json` printed is the summary train kept, the keys of its dict before the model.
+    assert ws.train_summary().model_dump(mode="json") == trained
+    assert list(trained)[:4] == ["recipe", "base_model", "device", "plan"]
+    assert [t["id"] for t in trained["tasks"]] == [free] and trained["trained"] == 1
     run_cli("manifest", "-w", str(root))
     runtimes = {
         t.id: rt.runtime() for t in tasks if not isinstance(rt := trained_task(root, t), str)
