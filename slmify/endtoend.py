@@ -11,7 +11,7 @@ to the wrong task counts against the task that got it.
 Calibration (`fit_deferrals`) replays the calibration sessions (neither train nor test) the
 same way with every trained specialist answering, and fits per task the lowest confidence
 threshold at which the lower bound of agreement on the answers above it clears the task's
-target (slmify.gate.fit_threshold).
+target (slmify.gate.choose_threshold: no deferral when the answers are too few to fit one).
 
 A task whose agreement cannot be decided (free text without a judge or
 eval.text_similarity) can never be promoted: calibration does not ask it, and the test
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slmify.decision import Decision, answer_decision, combined_confidence, route_decision
-from slmify.gate import EvalConfig, agreement, fit_threshold, wilson_bounds
+from slmify.gate import EvalConfig, agreement, choose_threshold, wilson_bounds
 from slmify.metrics import Encoder, score_answer
 from slmify.router import MAX_ROUTE_BATCH
 from slmify.schema import (
@@ -248,18 +248,8 @@ def fit_deferrals(rows: list[ReplayedCall], replay: Replay) -> dict[str, Deferra
                 "agreement cannot be decided",
             )
             continue
-        threshold, served, agreed = fit_threshold(scored, target, cfg.confidence)
+        threshold, served, agreed, reason = choose_threshold(scored, target, cfg.confidence)
         lower = wilson_bounds(agreed, served, cfg.confidence)[0] if served else None
-        if threshold is None:
-            reason = (
-                f"no threshold reaches a {cfg.confidence:.0%} lower bound of {target:.2f} on "
-                f"{len(scored)} calibration answers ({sum(a for _, a in scored)} agree)"
-            )
-        else:
-            reason = (
-                f"{served} of {len(scored)} calibration answers at confidence >= "
-                f"{threshold:.3f}: {agreed} agree, lower bound {lower:.3f} >= {target:.2f}"
-            )
         out[task_id] = Deferral(
             threshold=threshold,
             target=target,

@@ -273,6 +273,16 @@ def evaluate_workspace(
     # 4. The headline: only promoted specialists answer.
     cost = {t.id: t.llm_cost_usd / t.calls for t in tasks if t.calls}
     headline = end_to_end(rows, promoted, by_task, trained[0].cfg, cost)
+    replayed = calls["calibration"] + calls["test"]
+    seen = router_fitted_on(deployment.router, replayed)
+    if seen:
+        announce(
+            f"warning: the router was fitted on {seen} of the {len(replayed)} replayed calls "
+            "(cluster holdout_share below the recipe's test + calibration fractions, or a "
+            "router from before held-out fitting): routing figures are optimistic; re-run "
+            "`slmify cluster` or `slmify run`"
+        )
+    headline = headline.model_copy(update={"router_fitted_on": seen})
     ws.write_end_to_end(headline)
     announce(headline.headline())
     summary["promoted"] = len(promoted)
@@ -280,6 +290,19 @@ def evaluate_workspace(
     summary["headline"] = headline.headline()
     summary["reports"] = str(ws.evals_dir())
     return summary
+
+
+def router_fitted_on(router: Any, calls: list[CallRecord]) -> int:
+    """How many of `calls` the router was fitted on: those whose session the split hash
+    places at or above its held-out share; all of them for a router fitted on every call."""
+    from slmify.datasets import hash_unit
+
+    if router is None:
+        return 0
+    share = router.meta.held_out_share
+    if share is None:
+        return len(calls)
+    return sum(hash_unit(c.session_id or c.id) >= share for c in calls)
 
 
 def _load_router(ws_root: Path) -> Any:

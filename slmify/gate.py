@@ -189,6 +189,40 @@ def fit_threshold(
     return best
 
 
+def choose_threshold(
+    scored: list[tuple[float, bool]], target: float, confidence: float
+) -> tuple[float | None, int, int, str]:
+    """The deferral threshold calibration picks, with how many answers it serves and how
+    many of those agree, and why.
+
+    `fit_threshold`'s when one clears the target. When none does, the calibration answers
+    either show the task below its target (the upper bound of their agreement is under it:
+    None, the task serves nothing) or are too few to show anything (a small task, or one
+    the router seldom picks): then no deferral (threshold 0), and the gate on the test
+    sessions decides all or nothing, as it did before deferral. Calibration only chooses;
+    the test sessions, never looked at here, certify.
+    """
+    threshold, served, agreed = fit_threshold(scored, target, confidence)
+    n, ok = len(scored), sum(a for _, a in scored)
+    if threshold is not None:
+        lower = wilson_bounds(agreed, served, confidence)[0]
+        why = (
+            f"{served} of {n} calibration answers at confidence >= {threshold:.3f}: "
+            f"{agreed} agree, lower bound {lower:.3f} >= {target:.2f}"
+        )
+        return threshold, served, agreed, why
+    upper = wilson_bounds(ok, n, confidence)[1]
+    figures = f"{n} calibration answers ({ok} agree, {confidence:.0%} upper bound {upper:.3f})"
+    if upper < target:
+        why = f"no threshold reaches a {confidence:.0%} lower bound of {target:.2f}; {figures}"
+        return None, 0, 0, why + f" < {target:.2f}: below target"
+    why = (
+        f"too few to fit a threshold: {figures} >= {target:.2f}; no deferral, the test "
+        "sessions decide all or nothing"
+    )
+    return 0.0, n, ok, why
+
+
 def decide_served(
     served: Agreement | None, shape: OutputShape, cfg: EvalConfig, why_not: str | None
 ) -> GateDecision:

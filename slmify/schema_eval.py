@@ -91,7 +91,9 @@ class Deferral(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threshold: float | None = Field(
-        description="Answers at or above it are served; null: no threshold reaches the target."
+        description="Answers at or above it are served; 0: too few calibration answers to "
+        "fit one (no deferral; the test gate decides); null: calibration shows the task below "
+        "its target."
     )
     target: float = Field(description="Agreement whose lower bound the threshold must clear.")
     calibration_calls: int = Field(description="Calls routed to the task on calibration sessions.")
@@ -175,6 +177,13 @@ class EndToEnd(BaseModel):
         default=None, description="Recorded LLM seconds of the served calls, where logged."
     )
     by_task: dict[str, TaskServed] = Field(default_factory=dict)
+    router_fitted_on: int = Field(
+        default=0,
+        description="Replayed calls (calibration and test) whose session the router was "
+        "fitted on: routing figures over them are optimistic. 0 unless the router was "
+        "clustered with a holdout_share below the recipe's test + calibration fractions, or "
+        "before routers held sessions out.",
+    )
 
     def headline(self) -> str:
         if self.served == 0 or self.agreement is None:

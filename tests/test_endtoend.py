@@ -38,6 +38,9 @@ def test_the_stages_meet_through_their_own_files(trained: Path, tiny_base: Path)
     ]
     # Every held-out call is replayed once, assigned or not, and the figures add up.
     assert e2e.calls == len(rows) == len({r.call_id for r in rows}) > 100
+    # The router was fitted on none of them (cluster holds out the recipe's test and
+    # calibration sessions).
+    assert e2e.router_fitted_on == 0
     assert sum(e2e.reasons.values()) == e2e.calls
     promoted = {t["id"] for t in out["tasks"] if t["status"] == "promoted"}
     assert e2e.served == sum(r.answered_by in promoted for r in rows)
@@ -133,6 +136,29 @@ def test_field_heads_learn_the_structured_steps_and_serve_as_evaluated(
             answer = pool.answer(row.picked, st.get_call(row.call_id).record.request)
             assert answer.message == row.answer.message
             assert answer.confidence == pytest.approx(row.answer.confidence, abs=1e-5)
+
+
+def test_eval_counts_the_replayed_calls_a_router_was_fitted_on() -> None:
+    from types import SimpleNamespace
+
+    from slmify.datasets import hash_unit
+    from slmify.evaluate import router_fitted_on
+    from slmify.schema import CallRecord, ChatRequest
+
+    calls = [
+        CallRecord(id=f"c{i}", session_id=f"s{i}", request=ChatRequest(messages=[]), source="t")
+        for i in range(40)
+    ]
+    above = sum(hash_unit(f"s{i}") >= 0.35 for i in range(40))
+    assert 0 < above < 40
+
+    def router(share: float | None) -> SimpleNamespace:
+        return SimpleNamespace(meta=SimpleNamespace(held_out_share=share))
+
+    assert router_fitted_on(router(0.35), calls) == above
+    # A router from before held-out fitting saw every call; no router, none.
+    assert router_fitted_on(router(None), calls) == 40
+    assert router_fitted_on(None, calls) == 0
 
 
 def test_a_misrouted_call_counts_against_the_task_that_got_it() -> None:

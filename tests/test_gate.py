@@ -170,3 +170,38 @@ def test_threshold_search_returns_the_threshold_computed_by_hand() -> None:
     # Equal confidences are kept or deferred together.
     tied = [(0.8, True)] * 30 + [(0.8, False)] * 2
     assert fit_threshold(tied, 0.9, 0.95) == (None, 0, 0)
+
+
+def test_calibration_chooses_and_the_test_sessions_certify() -> None:
+    from slmify.gate import choose_threshold, wilson_bounds
+
+    # Enough answers: the fitted threshold, as fit_threshold finds it.
+    scored = [(0.99 - i * 0.01, True) for i in range(30)] + [(0.6, False)]
+    threshold, served, agreed, why = choose_threshold(scored, 0.9, 0.95)
+    assert (threshold, served, agreed) == (pytest.approx(0.70), 30, 30)
+    assert why == (
+        "30 of 31 calibration answers at confidence >= 0.700: 30 agree, lower bound 0.917 >= 0.90"
+    )
+    # Five right answers can bound nothing at 0.9 (5/5: 0.649): no deferral, and the test
+    # sessions' gate decides.
+    assert wilson_bounds(5, 5, 0.95)[0] < 0.9
+    few = choose_threshold([(0.9, True)] * 5, 0.9, 0.95)
+    assert few == (
+        0.0,
+        5,
+        5,
+        "too few to fit a threshold: 5 calibration answers (5 agree, 95% upper bound 1.000) "
+        ">= 0.90; no deferral, the test sessions decide all or nothing",
+    )
+    # Nothing routed on calibration sessions: the same.
+    assert choose_threshold([], 0.9, 0.95)[:3] == (0.0, 0, 0)
+    # 25 of 35: the upper bound (0.821, by hand: (0.753 + 0.131) / 1.077) shows the task
+    # below 0.9: it serves nothing.
+    bad = [(0.5, True)] * 25 + [(0.5, False)] * 10
+    assert choose_threshold(bad, 0.9, 0.95) == (
+        None,
+        0,
+        0,
+        "no threshold reaches a 95% lower bound of 0.90; 35 calibration answers (25 agree, "
+        "95% upper bound 0.821) < 0.90: below target",
+    )

@@ -588,6 +588,7 @@ def test_real_router_places_new_calls_of_one_step_in_its_task(
     with open_store(ws.store_url) as store:
         batched = route_calls(router, store, new_ids)
         one_by_one = [router.route(store.get_call(i).record.request) for i in new_ids]
-    assert [(r.task_id, round(r.confidence, 4)) for r in batched] == [
-        (t, round(c, 4)) for t, c in one_by_one
-    ]
+    # The same decisions; confidences equal but for the rounding of a padded bf16 batch
+    # (rounding both to 4 decimals flipped 0.98025 one way and the other).
+    assert [r.task_id for r in batched] == [t for t, _ in one_by_one]
+    assert [r.confidence for r in batched] == pytest.approx([c for _, c in one_by_one], abs=1e-3)
