@@ -2,8 +2,9 @@
 
 Each workspace given was imported and clustered by the CLI, one per setting of the
 cluster recipe's `router_features` (`slmify collect import FILE --curate -w WS`, then
-`slmify cluster -w WS --set router_features=[turn_ngrams]`); all hold the same calls and,
-the clustering being seeded, the same assignments. The first is the baseline.
+`slmify cluster -w WS --set "router_features=[task_ngrams, turn_ngrams]"`); all hold the
+same calls and, the clustering being seeded, the same assignments. The first is the
+baseline.
 
 The calls routed are the held-out ones: those of the sessions `datasets.hash_unit` places
 below the router's `held_out_share`, the calls its router.json `holdout` scores and eval
@@ -16,8 +17,8 @@ same load on a shared machine. Printed per setting:
 - the same recomputed from these routes (the served embedding is bf16 where the CPU has
   it, the fitted one float32: the two may differ by a call or two);
 - decision time p50 / p99 in ms and as a ratio to the baseline's (issue 14: p99 < 10 ms);
-- the share of calls on which MiniLM ran (a turn, or a task statement not yet cached),
-  and p50 / p99 over the other calls (a router without the turn's embedding, mid-session);
+- the share of calls on which MiniLM ran (a turn, or a task statement not yet cached;
+  never, for a router without an embedding block), and p50 / p99 over the other calls;
 - with --per-task: per task, its held-out calls, the share of them routed to it, and the
   share right of the calls routed to it (precision).
 

@@ -4,8 +4,9 @@ On one dataset of ../shared/datasets (tau-airline or fireact), in a workspace th
 imported, curated and clustered (`slmify collect import --curate`, `slmify cluster`; a
 workspace that already has cluster/router/ is reused as is), this refits the router the
 cluster stage fits (slmify.router: the same input features and logistic regression, the
-saved router's projections and `router_features`: a router on the last turn's n-grams has
-them in every row below, refitted per fold) on held-out folds and measures it two ways:
+saved router's projections and `router_features`: a router on the last turn's or the task
+statement's n-grams has them in every row below, refitted per fold on all its train calls)
+on held-out folds and measures it two ways:
 
 - split by session, as `slmify cluster` scores it;
 - split by task group: tau-airline's `task_id` label (its 4 trials of one task are
@@ -103,8 +104,8 @@ def load_calls(ws: Path) -> Calls:
     inputs = [v.inputs for v in views]
     # Vocabularies from all calls, as fit_router builds them before its held-out split.
     identities = sorted({v.identity for v in inputs})
-    # The router's own blocks: the turn's embedding only where it reads it.
-    task_vecs = router.task_proj(vecs[:n])
+    # The router's own blocks: each embedding only where it reads it.
+    task_vecs = None if router.task_proj is None else router.task_proj(vecs[:n])
     turn_vecs = None if router.turn_proj is None else router.turn_proj(vecs[n:])
     previous = sorted({v.previous_action for v in inputs})
     base = input_blocks(inputs, identities, previous, task_vecs, turn_vecs)
@@ -116,7 +117,8 @@ def load_calls(ws: Path) -> Calls:
         base_no_prev=input_blocks(inputs, identities, [], task_vecs, turn_vecs),
         inputs=inputs,
         messages=[messages[v.id] for v in views],
-        today=("last-turn n-grams",) if router.ngrams is not None else (),
+        today=(("last-turn n-grams",) if router.ngrams is not None else ())
+        + (("task-statement n-grams",) if router.task_ngrams is not None else ()),
     )
 
 
@@ -206,6 +208,7 @@ def candidate_docs(calls: Calls) -> dict[str, list[str]]:
         docs["action before previous"].append(f"A2_{actions[-2] if len(actions) > 1 else 'start'}")
         docs["actions so far"].append(" ".join(f"A_{a}" for a in actions) or "A_none")
         docs["last-turn n-grams"].append(view.turn_text)
+        docs["task-statement n-grams"].append(view.task_text)
         docs["tool-result JSON keys"].append(_json_keys(result) if tool != "none" else "NONE")
         docs["previous agent words"].append(_last_assistant_text(msgs))
     return docs
@@ -217,10 +220,11 @@ CANDIDATES = (
     "action before previous",
     "actions so far",
     "last-turn n-grams",
+    "task-statement n-grams",
     "tool-result JSON keys",
     "previous agent words",
 )
-NGRAM_CANDIDATES = ("last-turn n-grams", "previous agent words")
+NGRAM_CANDIDATES = ("last-turn n-grams", "task-statement n-grams", "previous agent words")
 
 
 def _vectorizer(name: str):  # noqa: ANN202

@@ -90,13 +90,17 @@ class ClusterConfig(BaseModel):
     sample_size: int = Field(5000, ge=100)
     seed: int = 0
     router_min_confidence: float = Field(0.5, ge=0, le=1)
-    # N-grams alone: as accurate as the embedding or more (tau-airline held out 0.69 vs
-    # 0.57, fireact and the demo 1.00 all), and no MiniLM pass on the turn (p50 0.8 ms vs
-    # 12 ms); with the embedding too, tau reaches 0.71 (bench/bench_router.py).
-    router_features: list[Literal["turn_embedding", "turn_ngrams"]] = Field(
-        default_factory=lambda: ["turn_ngrams"],
-        description="What the router reads of the last turn: its MiniLM embedding (a "
-        "model pass per call) and/or the TF-IDF of its word 1-2-grams (no model pass).",
+    # The turn's n-grams alone: as accurate as its embedding or more (tau-airline held out
+    # 0.69 vs 0.57, fireact and the demo 1.00 all), and no MiniLM pass on the turn (p50
+    # 0.8 ms vs 12 ms); with the embedding too, tau reaches 0.71 (bench/bench_router.py).
+    router_features: list[
+        Literal["task_embedding", "task_ngrams", "turn_embedding", "turn_ngrams"]
+    ] = Field(
+        default_factory=lambda: ["task_embedding", "turn_ngrams"],
+        description="What the router reads of the task statement and of the last turn: "
+        "their MiniLM embeddings (a model pass per task statement, per call for the turn) "
+        "and/or the TF-IDF of their word 1-2-grams (no model pass); without an embedding "
+        "the router never loads MiniLM.",
     )
     holdout_share: float = Field(
         0.35,
@@ -342,6 +346,9 @@ def discover(
         "shared_lines": {ident: sorted(keys) for ident, keys in shared.items()},
         # A fixed order, whatever the recipe's: the feature blocks follow it.
         "features": [f for f in ("turn_embedding", "turn_ngrams") if f in config.router_features],
+        "task_features": [
+            f for f in ("task_embedding", "task_ngrams") if f in config.router_features
+        ],
     }
     router = fit_router(
         views, task_of, task_raw, turn_raw, projections, settings, config.holdout_share, config.seed

@@ -12,8 +12,9 @@ much the block counts:
 - task text: the first user message (the task statement), embedded;
 - turn text: the last user or tool message (what the LLM reacts to now), embedded;
 - router only: the role of that last turn, the agent's previous action, and optionally
-  the TF-IDF of the last turn's word 1-2-grams (`Ngrams`: a vocabulary and idf weights,
-  no model pass, so it costs microseconds where the turn's embedding costs milliseconds).
+  the TF-IDF of the last turn's and/or the task statement's word 1-2-grams (`Ngrams`: a
+  vocabulary and idf weights, no model pass, so it costs microseconds where an embedding
+  costs milliseconds); the router's embedding blocks are optional too.
 
 The texts keep only what varies across an agent's calls: the system prompt and tool
 schemas are never embedded, and lines that recur in most of one agent's calls (a policy
@@ -239,28 +240,34 @@ def input_blocks(
     views: list[InputView],
     identities: list[str],
     previous_actions: list[str],
-    task_vecs: np.ndarray,
+    task_vecs: np.ndarray | None,
     turn_vecs: np.ndarray | None,
     ngrams: Ngrams | None = None,
-):  # noqa: ANN201 - an ndarray, or a CSR matrix with the n-gram block
+    task_ngrams: Ngrams | None = None,
+):  # noqa: ANN201 - an ndarray, or a CSR matrix with an n-gram block
     """The router's features: everything known before the LLM answers, unweighted. The
-    turn's embedding and n-grams are optional blocks (None: left out)."""
+    embeddings and n-grams are optional blocks (None: left out). The task statement's
+    n-grams come last, so a router fitted before they existed keeps its columns."""
     dense = np.hstack(
         [
             onehot([v.identity for v in views], identities),
             onehot([input_shape(v.task_text) for v in views], list(INPUT_SHAPES)),
             onehot([v.turn_role for v in views], list(TURN_ROLES)),
             onehot([v.previous_action for v in views], previous_actions),
-            task_vecs,
+            *([] if task_vecs is None else [task_vecs]),
             *([] if turn_vecs is None else [turn_vecs]),
         ]
     ).astype(np.float32)
-    if ngrams is None:
+    if ngrams is None and task_ngrams is None:
         return dense
     from scipy import sparse
 
-    block = ngrams([v.turn_text for v in views])
-    return sparse.hstack([sparse.csr_matrix(dense), block], format="csr", dtype=np.float32)
+    blocks = [sparse.csr_matrix(dense)]
+    if ngrams is not None:
+        blocks.append(ngrams([v.turn_text for v in views]))
+    if task_ngrams is not None:
+        blocks.append(task_ngrams([v.task_text for v in views]))
+    return sparse.hstack(blocks, format="csr", dtype=np.float32)
 
 
 @dataclass

@@ -1,23 +1,24 @@
 """The runtime router: which task a request belongs to, or the LLM, before it answers.
 
 `slmify cluster` fits it on input-only features (agent identity, the task statement's
-answer format, the last turn's role, the agent's previous action, the projected
-embedding of the task statement, and the blocks the recipe's `router_features` name: the
-last turn's projected embedding and/or the TF-IDF of its word 1-2-grams) against the
-clustering's own assignment, on the sessions eval never replays, scores it on those eval
-replays, and saves it to WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes,
+answer format, the last turn's role, the agent's previous action, and the blocks the
+recipe's `router_features` name: the task statement's projected embedding and/or the
+TF-IDF of its word 1-2-grams, the same two of the last turn) against the clustering's
+own assignment, on the sessions eval never replays, scores it on those eval replays, and
+saves it to WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes,
 vocabularies, the n-gram terms, settings, held-out score; read and written by
 slmify.workspace, strictly) and `router.npz` (the projections, the n-grams' idf and the
 logistic-regression weights). No pickle: both files are inspectable and loading runs no
 code from them. A router.json without `features` (written before it) uses the turn's
-embedding and no n-grams, as routers then did.
+embedding and no n-grams, one without `task_features` the task statement's embedding and
+no n-grams, as routers then did.
 
 `load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
 confidence)` for "stay with the LLM"; `route_many` routes several requests in one pass,
 and `RouteBatcher` gathers the concurrent calls of an asyncio server (`slmify serve`) into
 such batches. At routing time the work is, with the turn's embedding, one MiniLM pass on
-the last turn (the task statement repeats across a session and is cached: one pass per
-session), and without it none past a session's first call; then the n-gram lookup, a
+the last turn; with the task statement's, one per session (it repeats across a session
+and is cached); a router with neither never loads MiniLM. Then the n-gram lookups, a
 matmul and a softmax.
 """
 
@@ -47,18 +48,21 @@ LLM = "LLM"
 TASK_CACHE_SIZE = 10000
 # Requests routed in one forward pass at most: the batch pads to its longest text.
 MAX_ROUTE_BATCH = 32
-# What a router.json written before `features` used besides the fixed blocks.
+# What a router.json written before `features` (`task_features`) read of the last turn
+# (of the task statement) besides the fixed blocks.
 LEGACY_FEATURES = ("turn_embedding",)
+LEGACY_TASK_FEATURES = ("task_embedding",)
 
 
 @dataclass
 class Router:
     meta: RouterMeta
-    task_proj: Projection
+    task_proj: Projection | None  # None: the task statement is not embedded
     turn_proj: Projection | None  # None: the turn is not embedded
     coef: np.ndarray
     intercept: np.ndarray
-    ngrams: Ngrams | None = None  # None: no n-gram block
+    ngrams: Ngrams | None = None  # the last turn's; None: no such block
+    task_ngrams: Ngrams | None = None  # the task statement's; None: no such block
 
     def __post_init__(self) -> None:
         self._embedder: Any = None
@@ -80,16 +84,25 @@ class Router:
         ]
         return labels, conf
 
-    def features(self, views: list[InputView], task_vecs: np.ndarray, turn_vecs: np.ndarray | None):
-        """The input features of `views` (`turn_vecs`: None when the turn is not embedded)."""
+    def features(
+        self, views: list[InputView], task_vecs: np.ndarray | None, turn_vecs: np.ndarray | None
+    ):  # noqa: ANN201 - an ndarray, or a CSR matrix with an n-gram block
+        """The input features of `views`; the embeddings of a text the router does not
+        embed are ignored (None is fine there)."""
         return input_blocks(
             views,
             self.meta.identities,
             self.meta.previous_actions,
-            self.task_proj(task_vecs),
+            None if self.task_proj is None else self.task_proj(task_vecs),
             None if self.turn_proj is None else self.turn_proj(turn_vecs),
             self.ngrams,
+            self.task_ngrams,
         )
+
+    @property
+    def embeds(self) -> bool:
+        """Whether routing runs MiniLM at all (an embedding block)."""
+        return self.task_proj is not None or self.turn_proj is not None
 
     def prepare(self, request: ChatRequest) -> InputView | None:
         """The request's input view with its agent's shared lines removed, or None for an
@@ -116,25 +129,35 @@ class Router:
         known = [v for v in views if v is not None]
         if not known:
             return [(None, 1.0)] * len(requests)
+        task_vecs, turn_vecs = self._embed_views(known) if self.embeds else (None, None)
+        labels, conf = self.predict(self.features(known, task_vecs, turn_vecs))
+        routed = iter(zip(labels, conf.tolist(), strict=True))
+        return [(None, 1.0) if v is None else next(routed) for v in views]
+
+    def _embed_views(self, views: list[InputView]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The embeddings of the views' task statements and last turns, each None where the
+        router does not read it, in one MiniLM pass."""
         cache = self._task_cache
         if len(cache) >= TASK_CACHE_SIZE:
             cache.clear()
         # A task statement is embedded once per session; one that is also a turn here (the
         # session's first call) takes that turn's vector.
-        turns = [v.turn_text for v in known] if self.turn_proj is not None else []
-        fresh = sorted({v.task_text for v in known} - cache.keys() - set(turns))
+        turns = [v.turn_text for v in views] if self.turn_proj is not None else []
+        tasks = {v.task_text for v in views} if self.task_proj is not None else set()
+        fresh = sorted(tasks - cache.keys() - set(turns))
         vecs = self._embed(turns + fresh) if turns or fresh else []
-        turn_vecs = vecs[: len(turns)] if turns else None
         found = dict(zip(turns + fresh, vecs, strict=True))
-        cache.update({v.task_text: found[v.task_text] for v in known if v.task_text not in cache})
-        task_vecs = np.stack([cache[v.task_text] for v in known])
-        labels, conf = self.predict(self.features(known, task_vecs, turn_vecs))
-        routed = iter(zip(labels, conf.tolist(), strict=True))
-        return [(None, 1.0) if v is None else next(routed) for v in views]
+        cache.update({t: found[t] for t in tasks if t not in cache})
+        return (
+            np.stack([cache[v.task_text] for v in views]) if tasks else None,
+            vecs[: len(turns)] if turns else None,
+        )
 
     def warm_up(self) -> None:
-        """Load the embedding model and run it once: the first request should not wait."""
-        self._embed(["warm-up"])
+        """Load the embedding model and run it once, so that the first request does not
+        wait; a router without an embedding block never loads it."""
+        if self.embeds:
+            self._embed(["warm-up"])
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
@@ -146,16 +169,15 @@ class Router:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "coef": self.coef,
-            "intercept": self.intercept,
-            "task_mean": self.task_proj.mean,
-            "task_components": self.task_proj.components,
-        }
+        arrays = {"coef": self.coef, "intercept": self.intercept}
+        if (task := self.task_proj) is not None:
+            arrays |= {"task_mean": task.mean, "task_components": task.components}
         if (turn := self.turn_proj) is not None:
             arrays |= {"turn_mean": turn.mean, "turn_components": turn.components}
         if self.ngrams is not None:
             arrays["turn_idf"] = self.ngrams.idf
+        if self.task_ngrams is not None:
+            arrays["task_idf"] = self.task_ngrams.idf
         np.savez(router_weights_file(folder), **arrays)
         write_router_meta(folder, self.meta)
 
@@ -204,19 +226,26 @@ def load_router(path: str | Path) -> Router:
     with np.load(router_weights_file(folder)) as a:
         return Router(
             meta=meta,
-            task_proj=Projection(a["task_mean"], a["task_components"]),
+            task_proj=Projection(a["task_mean"], a["task_components"])
+            if "task_embedding" in blocks
+            else None,
             turn_proj=Projection(a["turn_mean"], a["turn_components"])
             if "turn_embedding" in blocks
             else None,
             coef=a["coef"],
             intercept=a["intercept"],
             ngrams=Ngrams(meta.turn_ngrams, a["turn_idf"]) if "turn_ngrams" in blocks else None,
+            task_ngrams=Ngrams(meta.task_ngrams, a["task_idf"])
+            if "task_ngrams" in blocks
+            else None,
         )
 
 
 def router_blocks(meta: RouterMeta) -> tuple[str, ...]:
-    """The optional feature blocks a router uses (`RouterMeta.features`)."""
-    return LEGACY_FEATURES if meta.features is None else tuple(meta.features)
+    """The optional feature blocks a router uses, the task statement's first
+    (`RouterMeta.task_features`, then `features`)."""
+    task = LEGACY_TASK_FEATURES if meta.task_features is None else tuple(meta.task_features)
+    return task + (LEGACY_FEATURES if meta.features is None else tuple(meta.features))
 
 
 def fit_router(
@@ -237,8 +266,9 @@ def fit_router(
     routing figures are on calls the router never saw. When every session is held out
     (a tiny log), the router is fitted on all of them and its metadata says so
     (`held_out_share` None). `settings` carries what routing needs besides the weights
-    (embedding model and length, shared lines, minimum confidence, `features`: the
-    optional blocks). The n-gram vocabulary is fitted on the fitted calls' last turns only.
+    (embedding model and length, shared lines, minimum confidence, `features` and
+    `task_features`: the optional blocks). The n-gram vocabularies are fitted on the
+    fitted calls only: the last turns, and the distinct task statements.
     """
     from slmify.datasets import hash_unit
 
@@ -259,14 +289,23 @@ def fit_router(
     fit, test = np.flatnonzero(~held), np.flatnonzero(held)
     blocks = router_blocks(meta)
     ngrams = Ngrams.fit([inputs[i].turn_text for i in fit]) if "turn_ngrams" in blocks else None
+    # A session's statement recurs in each of its calls: counted once, a word of a single
+    # session's statement stays under min_df and out of the vocabulary.
+    statements = sorted({inputs[i].task_text for i in fit})
+    task_ngrams = Ngrams.fit(statements) if "task_ngrams" in blocks else None
     task_proj, turn_proj = projections
+    terms = {
+        "turn_ngrams": ngrams.terms if ngrams else [],
+        "task_ngrams": task_ngrams.terms if task_ngrams else [],
+    }
     router = Router(
-        meta.model_copy(update={"turn_ngrams": ngrams.terms if ngrams else []}),
-        task_proj,
+        meta.model_copy(update=terms),
+        task_proj if "task_embedding" in blocks else None,
         turn_proj if "turn_embedding" in blocks else None,
         np.zeros((0, 0), np.float32),
         np.zeros(0, np.float32),
         ngrams,
+        task_ngrams,
     )
     X = router.features(inputs, task_vecs, turn_vecs)
     y = np.array([t or LLM for t in task_of])

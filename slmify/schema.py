@@ -168,13 +168,23 @@ class RouterMeta(BaseModel):
     features: list[Literal["turn_embedding", "turn_ngrams"]] | None = Field(
         None,
         description="The optional blocks the router reads of the last turn, besides the "
-        "fixed ones (identity, answer format, turn role, previous action, task embedding); "
-        "None: written before this field, the turn embedding only.",
+        "fixed ones (identity, answer format, turn role, previous action) and the task "
+        "statement's (task_features); None: written before this field, the turn embedding only.",
     )
     turn_ngrams: list[str] = Field(
         default_factory=list,
         description="The last turn's word 1-2-gram vocabulary, in column order (their idf "
         "in router.npz); empty without the turn_ngrams block.",
+    )
+    task_features: list[Literal["task_embedding", "task_ngrams"]] | None = Field(
+        None,
+        description="The optional blocks the router reads of the task statement (the "
+        "first user message); None: written before this field, its embedding only.",
+    )
+    task_ngrams: list[str] = Field(
+        default_factory=list,
+        description="The task statement's word 1-2-gram vocabulary, in column order (their "
+        "idf in router.npz); empty without the task_ngrams block.",
     )
 
 

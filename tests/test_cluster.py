@@ -268,8 +268,9 @@ def _copy(ws: Workspace, to: Path) -> Workspace:
 def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
     tau: tuple[Workspace, ClusterSummary], tmp_path: Path
 ) -> None:
-    """router_features=[turn_ngrams]: the last turn's TF-IDF replaces its embedding, its
-    vectors are sklearn's, and MiniLM embeds only each session's task statement, once."""
+    """router_features=[task_embedding, turn_ngrams]: the last turn's TF-IDF replaces its
+    embedding, its vectors are sklearn's, and MiniLM embeds only each session's task
+    statement, once."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -277,10 +278,12 @@ def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
     from slmify.workspace import router_weights_file
 
     ws = _copy(tau[0], tmp_path / "ws")
-    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=["turn_ngrams"]))
+    features = ["turn_ngrams", "task_embedding"]  # stored in a fixed order
+    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=features))
     assert ws.assignments() == tau[0].assignments()  # the router's features leave the tasks
     router = load_router(ws.router_dir())
     assert router.meta.features == ["turn_ngrams"] and router.turn_proj is None
+    assert router.meta.task_features == ["task_embedding"] and router.task_ngrams is None
     with np.load(router_weights_file(ws.router_dir())) as a:
         assert "turn_mean" not in a and a["turn_idf"].shape == (len(router.meta.turn_ngrams),)
     # Vocabulary and idf are sklearn's on the fitted calls' last turns (boilerplate
@@ -310,10 +313,12 @@ def test_a_router_on_turn_ngrams_embeds_each_task_statement_once(
 def test_a_router_json_without_features_routes_as_before(
     tau: tuple[Workspace, ClusterSummary], tmp_path: Path
 ) -> None:
-    """A router.json written before `features` and `turn_ngrams` (the turn's embedding, no
-    n-grams) loads and routes exactly as the router that wrote it."""
+    """A router.json written before `features`, `turn_ngrams`, `task_features` and
+    `task_ngrams` (both texts embedded, no n-grams) loads and routes exactly as the router
+    that wrote it."""
     ws = _copy(tau[0], tmp_path / "ws")
-    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=["turn_embedding"]))
+    features = ["task_embedding", "turn_embedding"]
+    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=features))
     with open_store(ws.store_url) as st:
         requests = [s.record.request for s in st.iter_calls()][:12]
     router = load_router(ws.router_dir())
@@ -322,15 +327,71 @@ def test_a_router_json_without_features_routes_as_before(
     path = ws.router_dir() / "router.json"
     old = json.loads(path.read_text(encoding="utf-8"))
     assert old.pop("features") == ["turn_embedding"] and old.pop("turn_ngrams") == []
+    assert old.pop("task_features") == ["task_embedding"] and old.pop("task_ngrams") == []
     path.write_text(json.dumps(old, indent=1), encoding="utf-8")
     legacy = load_router(ws.router_dir())
     assert legacy.meta.features is None and legacy.turn_proj is not None
+    assert legacy.meta.task_features is None and legacy.task_proj is not None
     assert legacy.route_many(requests) == before
 
 
 def test_router_features_name_the_bad_one() -> None:
     with pytest.raises(ClusterError) as e:
         load_cluster_config("default", ["router_features=[turn_ngrams, turn_words]"])
-    assert str(e.value).endswith(
-        "router_features.1: Input should be 'turn_embedding' or 'turn_ngrams'"
+    names = "'task_embedding', 'task_ngrams', 'turn_embedding' or 'turn_ngrams'"
+    assert str(e.value).endswith(f"router_features.1: Input should be {names}")
+
+
+def test_a_router_on_ngrams_alone_never_runs_minilm(
+    tau: tuple[Workspace, ClusterSummary], tmp_path: Path
+) -> None:
+    """router_features=[task_ngrams, turn_ngrams]: the task statement's TF-IDF (sklearn's,
+    fitted on the fitted sessions' distinct statements) replaces its embedding; warming
+    up and routing never load MiniLM, and routing the held-out calls one at a time gives
+    router.json's held-out figures exactly (no embedding, so no bf16 drift)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from slmify.features import load_views, strip_boilerplate
+    from slmify.workspace import router_weights_file
+
+    ws = _copy(tau[0], tmp_path / "ws")
+    features = ["turn_ngrams", "task_ngrams"]
+    run(ws, [], ClusterConfig(min_cluster_calls=3, router_features=features))
+    router = load_router(ws.router_dir())
+    assert (router.meta.task_features, router.meta.features) == (["task_ngrams"], ["turn_ngrams"])
+    assert router.task_proj is None and router.turn_proj is None and not router.embeds
+    with np.load(router_weights_file(ws.router_dir())) as a:
+        assert sorted(a.files) == ["coef", "intercept", "task_idf", "turn_idf"]
+        meta = router.meta
+        fixed = len(meta.identities) + 5 + 3 + len(meta.previous_actions)  # one-hot blocks
+        ngrams = len(meta.turn_ngrams) + len(meta.task_ngrams)
+        assert a["coef"].shape[1] == fixed + ngrams and len(meta.task_ngrams) > 0
+    with open_store(ws.store_url) as st:
+        views, _ = strip_boilerplate(load_views(st, len))
+        requests = {s.record.id: s.record.request for s in st.iter_calls()}
+    statements = [v.inputs.task_text for v in views]
+    fitted = sorted(
+        {t for v, t in zip(views, statements, strict=True) if hash_unit(v.session) >= 0.35}
     )
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=5000)
+    tfidf.fit(fitted)
+    assert router.meta.task_ngrams == tfidf.get_feature_names_out().tolist()
+    assert abs(router.task_ngrams(statements) - tfidf.transform(statements)).max() < 1e-6
+
+    def no_minilm(texts: list[str]) -> np.ndarray:
+        raise AssertionError(f"MiniLM ran on {texts[:1]}")
+
+    router._embed = no_minilm
+    router.warm_up()
+    assigned = ws.assignments()
+    held = [v.id for v in views if hash_unit(v.session) < 0.35]
+    routed = [router.route(requests[i])[0] for i in held]
+    assert router._embedder is None and not router._task_cache
+    hits = [t == assigned[i] for t, i in zip(routed, held, strict=True)]
+    sent = [h for h, t in zip(hits, routed, strict=True) if t is not None]
+    holdout = router.meta.holdout
+    assert holdout["test_calls"] == len(held)
+    assert holdout["accuracy"] == round(float(np.mean(hits)), 4)
+    assert holdout["routed_share"] == round(len(sent) / len(held), 4)
+    assert holdout["accuracy_when_routed"] == round(float(np.mean(sent)), 4)
