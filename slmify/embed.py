@@ -8,7 +8,8 @@ only the texts whose hash is missing, and writes those back with `put_embeddings
 second run embeds nothing that did not change. The same tokenizer counts tokens when
 the logs carry no usage (`count_tokens`).
 
-The runtime router embeds one text per request (`Embedder(..., fast=True).encode_few`):
+A runtime router with an embedding block (`router_features`; one on n-grams alone never
+loads this model) embeds a few texts per request (`Embedder(..., fast=True).encode_few`):
 bfloat16 weights where the CPU computes in bf16 (`slmify.models.inference_dtype`), and one
 forward pass through the model's own modules without `encode`'s batching. A short text is
 bound by reading the weights from memory, so halving their bytes is what makes it fast;

@@ -346,7 +346,7 @@ def test_a_router_on_ngrams_alone_never_runs_minilm(
     tau: tuple[Workspace, ClusterSummary], tmp_path: Path
 ) -> None:
     """router_features=[task_ngrams, turn_ngrams]: the task statement's TF-IDF (sklearn's,
-    fitted on the fitted sessions' distinct statements) replaces its embedding; warming
+    fitted on the fitted calls' statements) replaces its embedding; warming
     up and routing never load MiniLM, and routing the held-out calls one at a time gives
     router.json's held-out figures exactly (no embedding, so no bf16 drift)."""
     import numpy as np
@@ -371,9 +371,7 @@ def test_a_router_on_ngrams_alone_never_runs_minilm(
         views, _ = strip_boilerplate(load_views(st, len))
         requests = {s.record.id: s.record.request for s in st.iter_calls()}
     statements = [v.inputs.task_text for v in views]
-    fitted = sorted(
-        {t for v, t in zip(views, statements, strict=True) if hash_unit(v.session) >= 0.35}
-    )
+    fitted = [t for v, t in zip(views, statements, strict=True) if hash_unit(v.session) >= 0.35]
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=5000)
     tfidf.fit(fitted)
     assert router.meta.task_ngrams == tfidf.get_feature_names_out().tolist()
