@@ -44,7 +44,12 @@ from slmify.schema import (
     Splits,
     message_text,
 )
-from slmify.workspace import SPLITS_FILE, read_splits_file, write_splits_file
+from slmify.workspace import (
+    SPLITS_FILE,
+    read_splits_file,
+    write_pruning_file,
+    write_splits_file,
+)
 
 SPLITS = ("train", "validation", "calibration", "test")
 FROZEN = ("test", "calibration")  # once a call is held out there, it stays there
@@ -343,7 +348,7 @@ def build_task_dataset(
             }
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pruning.json").write_text(pruning.model_dump_json(indent=2))
+    write_pruning_file(out, pruning)
     write_splits_file(out, splits)
     folder = out / "dataset"
     folder.mkdir(exist_ok=True)

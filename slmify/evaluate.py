@@ -52,7 +52,7 @@ from slmify.schema import (
 )
 from slmify.schema_eval import AnswerSample  # not (yet) gathered in slmify.schema
 from slmify.specialists import TaskRuntime
-from slmify.workspace import Workspace, router_meta_file
+from slmify.workspace import Workspace, read_pruning_file, router_meta_file
 
 HELD_OUT = ("test", "calibration")
 
@@ -151,7 +151,7 @@ def trained_task(ws_root: Path, task: TaskCluster) -> TrainedTask | str:
     folder = ws.specialist_dir(task.id)
     cfg, dataset = read_recipe_sections(ws.recipe_file(task.id))
     splits = ws.splits(task.id)
-    pruning = PromptPruning.model_validate_json((folder / "pruning.json").read_text())
+    pruning = read_pruning_file(folder)
     return TrainedTask(
         task=task,
         folder=folder,

@@ -330,6 +330,7 @@ FILES = (
     "summary.json",
     "state.json",
     "metrics.json",
+    "pruning.json",
 )
 FOLDERS = ("specialists", "cluster", "eval")
 SLMIFY = Path(__file__).resolve().parents[1] / "slmify"
