@@ -143,6 +143,7 @@ def demo_trained(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> P
     before changing it: it is shared by the whole run."""
     ws = tmp_path_factory.mktemp("demo-trained") / "ws"
     run_cli("collect", "import", str(DEMO), "--curate", "-w", str(ws))
-    run_cli("cluster", "-w", str(ws), "--set", "n_clusters=4")
+    # The router holds out TINY_TRAIN's test + calibration sessions, as `slmify run` would.
+    run_cli("cluster", "-w", str(ws), *sets(["n_clusters=4", "holdout_share=0.6"]))
     run_cli("train", "-w", str(ws), *sets([f"model.base={tiny_base}", *TINY_TRAIN]))
     return ws

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -317,7 +318,9 @@ def test_same_value_same_placeholder_across_incremental_and_interrupted_runs(
     texts = [stored(store, f"s{i}").request.messages[0]["content"] for i in range(3)]
     assert texts == [f"<EMAIL_1> {i}" for i in range(3)]
     dump = " ".join(str(row) for row in store.execute("SELECT * FROM placeholders").fetchall())
-    assert "@x.com" not in dump and "dee" not in dump
+    # "dee" as a word: the keyed digests are hex, where the letters d, e, e may follow each
+    # other by chance.
+    assert "@x.com" not in dump and not re.search(r"\bdee\b", dump)
     assert len((tmp_path / "scrub.key").read_text().strip()) == 64
 
 
