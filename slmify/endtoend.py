@@ -25,12 +25,12 @@ writes nothing itself: slmify.evaluate writes what these functions return.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from slmify.datasets import hash_unit
 from slmify.decision import Decision, answer_decision, combined_confidence, route_decision
 from slmify.gate import EvalConfig, agreement, choose_threshold, wilson_bounds
 from slmify.metrics import Encoder, score_answer
@@ -155,7 +155,9 @@ class Replay:
         out = list(decisions)
         for task_id, rows in routed.items():
             cfg = self.cfgs[task_id]
-            ranked = sorted(rows, key=lambda i: (_draw(cfg.seed, calls[i].id), i))
+            # A call's place is the same on every rerun with the seed, whatever order the
+            # store gives the calls in.
+            ranked = sorted(rows, key=lambda i: (hash_unit(f"{cfg.seed}:{calls[i].id}"), i))
             asked = ranked[: cfg.undecidable_sample]
             self.samples[task_id] = (len(asked), len(rows))
             reason = f"{UNDECIDABLE} (answered a sample of {len(asked)} of {len(rows)})"
@@ -217,12 +219,6 @@ class Replay:
             confidence=round(answer.confidence, 6),
             unconstrained=answer.unconstrained,
         )
-
-
-def _draw(seed: int, call_id: str) -> str:
-    """A call's place in a task's sample: the same on every rerun with the same seed,
-    whatever order the store gives the calls in."""
-    return hashlib.sha256(f"{seed}:{call_id}".encode()).hexdigest()
 
 
 # -- calibration --------------------------------------------------------------------------

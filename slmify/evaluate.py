@@ -293,16 +293,10 @@ def evaluate_workspace(
 
 
 def router_fitted_on(router: Any, calls: list[CallRecord]) -> int:
-    """How many of `calls` the router was fitted on: those whose session the split hash
-    places at or above its held-out share; all of them for a router fitted on every call."""
-    from slmify.datasets import hash_unit
-
+    """How many of `calls` the router was fitted on (`Router.fitted_on`)."""
     if router is None:
         return 0
-    share = router.meta.held_out_share
-    if share is None:
-        return len(calls)
-    return sum(hash_unit(c.session_id or c.id) >= share for c in calls)
+    return sum(router.fitted_on(c.session_id or c.id) for c in calls)
 
 
 def _load_router(ws_root: Path) -> Any:

@@ -99,6 +99,12 @@ class Router:
             self.task_ngrams,
         )
 
+    def fitted_on(self, session: str) -> bool:
+        """Whether this router was fitted on a session's calls (every session, for a router
+        fitted on all calls)."""
+        share = self.meta.held_out_share
+        return share is None or not held_out(session, share)
+
     @property
     def embeds(self) -> bool:
         """Whether routing runs MiniLM at all (an embedding block)."""
@@ -248,6 +254,14 @@ def router_blocks(meta: RouterMeta) -> tuple[str, ...]:
     return task + (LEGACY_FEATURES if meta.features is None else tuple(meta.features))
 
 
+def held_out(session: str, share: float) -> bool:
+    """Whether a router fitted with held-out share `share` leaves the session out: the
+    train stage's split hash (`datasets.hash_unit`) places it below `share`."""
+    from slmify.datasets import hash_unit
+
+    return hash_unit(session) < share
+
+
 def fit_router(
     views: list[CallView],
     task_of: list[str | None],
@@ -270,8 +284,6 @@ def fit_router(
     `task_features`: the optional blocks). The n-gram vocabularies are fitted on the
     fitted calls only (their last turns, their task statements).
     """
-    from slmify.datasets import hash_unit
-
     inputs = [v.inputs for v in views]
     meta = RouterMeta(
         **settings,
@@ -280,7 +292,7 @@ def fit_router(
         holdout={},
         classes=[],
     )
-    held = np.array([hash_unit(v.session) < held_out_share for v in views], dtype=bool)
+    held = np.array([held_out(v.session, held_out_share) for v in views], dtype=bool)
     if held.all():  # a tiny log: nothing left to fit on but the held-out sessions
         held[:] = False
         share, holdout = None, {"accuracy": None, "reason": "every session is held out"}

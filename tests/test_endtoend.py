@@ -139,11 +139,12 @@ def test_field_heads_learn_the_structured_steps_and_serve_as_evaluated(
 
 
 def test_eval_counts_the_replayed_calls_a_router_was_fitted_on() -> None:
-    from types import SimpleNamespace
+    import numpy as np
 
     from slmify.datasets import hash_unit
     from slmify.evaluate import router_fitted_on
-    from slmify.schema import CallRecord, ChatRequest
+    from slmify.router import Router
+    from slmify.schema import CallRecord, ChatRequest, RouterMeta
 
     calls = [
         CallRecord(id=f"c{i}", session_id=f"s{i}", request=ChatRequest(messages=[]), source="t")
@@ -152,8 +153,19 @@ def test_eval_counts_the_replayed_calls_a_router_was_fitted_on() -> None:
     above = sum(hash_unit(f"s{i}") >= 0.35 for i in range(40))
     assert 0 < above < 40
 
-    def router(share: float | None) -> SimpleNamespace:
-        return SimpleNamespace(meta=SimpleNamespace(held_out_share=share))
+    def router(share: float | None) -> Router:
+        meta = RouterMeta(
+            embedding_model="all-MiniLM-L6-v2",
+            max_seq_length=128,
+            min_confidence=0.5,
+            shared_lines={},
+            identities=[],
+            previous_actions=[],
+            holdout={},
+            classes=["LLM"],
+            held_out_share=share,
+        )
+        return Router(meta, None, None, np.zeros((1, 0)), np.zeros(1))
 
     assert router_fitted_on(router(0.35), calls) == above
     # A router from before held-out fitting saw every call; no router, none.
