@@ -123,20 +123,21 @@ def main() -> None:
     )
     decisions, times, embedded = time_routes(routers, requests)
     p50, p99 = np.percentile(times, 50, axis=1), np.percentile(times, 99, axis=1)
+    names = ["+".join(router_blocks(r.meta)) or "(none)" for r in routers]
+    width = max(28, *map(len, names))
     print(
-        f"  {'features':28s} {'acc':>6s} {'routed':>6s} {'prec':>6s} | {'acc':>6s} {'routed':>6s}"
-        f" {'prec':>6s} | {'p50 ms':>7s} {'p99 ms':>7s} {'x p50':>6s} {'x p99':>6s} |"
-        f" {'MiniLM':>6s} {'p50':>5s} {'p99':>5s}"
+        f"  {'features':{width}s} {'acc':>6s} {'routed':>6s} {'prec':>6s} | {'acc':>6s}"
+        f" {'routed':>6s} {'prec':>6s} | {'p50 ms':>7s} {'p99 ms':>7s} {'x p50':>6s}"
+        f" {'x p99':>6s} | {'MiniLM':>6s} {'p50':>5s} {'p99':>5s}"
     )
     for i, (ws, router) in enumerate(zip(spaces, routers, strict=True)):
         h = router.meta.holdout
         hits = [d == t for d, t in zip(decisions[i], truth, strict=True)]
         sent = [h_ for h_, d in zip(hits, decisions[i], strict=True) if d is not None]
-        name = "+".join(router_blocks(router.meta)) or "(none)"
         rest = times[i][~embedded[i]]
         without = " ".join(f"{np.percentile(rest, q):5.2f}" for q in (50, 99)) if len(rest) else ""
         print(
-            f"  {name:28s} {h['accuracy']:6.3f} {h['routed_share']:6.3f} "
+            f"  {names[i]:{width}s} {h['accuracy']:6.3f} {h['routed_share']:6.3f} "
             f"{h['accuracy_when_routed'] or 0:6.3f} | {np.mean(hits):6.3f} "
             f"{len(sent) / len(hits):6.3f} {np.mean(sent) if sent else 0:6.3f} | "
             f"{p50[i]:7.2f} {p99[i]:7.2f} {p50[i] / p50[0]:6.2f} {p99[i] / p99[0]:6.2f} | "

@@ -98,13 +98,14 @@ class ClusterConfig(BaseModel):
     # routed share falls to 0.875 from 0.891 but what it routes is righter (0.777 vs
     # 0.759), and only what is right can be served: the default.
     router_features: list[
-        Literal["task_embedding", "task_ngrams", "turn_embedding", "turn_ngrams"]
+        Literal["task_embedding", "task_ngrams", "turn_embedding", "turn_ngrams", "reply_ngrams"]
     ] = Field(
         default_factory=lambda: ["task_ngrams", "turn_ngrams"],
         description="What the router reads of the task statement and of the last turn: "
         "their MiniLM embeddings (a model pass per task statement, per call for the turn) "
-        "and/or the TF-IDF of their word 1-2-grams (no model pass); without an embedding "
-        "the router never loads MiniLM.",
+        "and/or the TF-IDF of their word 1-2-grams (no model pass); reply_ngrams: the "
+        "TF-IDF of the agent's last assistant message; without an embedding the router "
+        "never loads MiniLM.",
     )
     holdout_share: float = Field(
         0.35,
@@ -355,7 +356,15 @@ def discover(
         ],
     }
     router = fit_router(
-        views, task_of, task_raw, turn_raw, projections, settings, config.holdout_share, config.seed
+        views,
+        task_of,
+        task_raw,
+        turn_raw,
+        projections,
+        settings,
+        config.holdout_share,
+        config.seed,
+        reply_ngrams="reply_ngrams" in config.router_features,
     )
     return Discovery(X, k, silhouette, tasks, task_of, router)
 

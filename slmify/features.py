@@ -12,9 +12,11 @@ much the block counts:
 - task text: the first user message (the task statement), embedded;
 - turn text: the last user or tool message (what the LLM reacts to now), embedded;
 - router only: the role of that last turn, the agent's previous action, and optionally
-  the TF-IDF of the last turn's and/or the task statement's word 1-2-grams (`Ngrams`: a
-  vocabulary and idf weights, no model pass, so it costs microseconds where an embedding
-  costs milliseconds); the router's embedding blocks are optional too.
+  the TF-IDF of the word 1-2-grams (`Ngrams`: a vocabulary and idf weights, no model
+  pass, so it costs microseconds where an embedding costs milliseconds) of the last turn,
+  the task statement and/or the reply text: the text of the agent's last assistant
+  message (what it just asked: "please confirm (yes) to proceed" makes the user's "yes"
+  a cancellation); the router's embedding blocks are optional too.
 
 The texts keep only what varies across an agent's calls: the system prompt and tool
 schemas are never embedded, and lines that recur in most of one agent's calls (a policy
@@ -61,6 +63,7 @@ class InputView:
     turn_text: str
     turn_role: str
     previous_action: str
+    reply_text: str  # the last assistant message's text; "" without one, or a bare tool call
 
 
 def line_key(line: str) -> str:
@@ -84,6 +87,7 @@ def input_view(request: ChatRequest) -> InputView:
         turn_text=message_text(turn.get("content")) if turn else "",
         turn_role="none" if turn is None else ("user" if turn["role"] == "user" else "tool"),
         previous_action=_message_action(last_assistant) if last_assistant else "start",
+        reply_text=message_text(last_assistant.get("content")) if last_assistant else "",
     )
 
 
@@ -244,10 +248,12 @@ def input_blocks(
     turn_vecs: np.ndarray | None,
     ngrams: Ngrams | None = None,
     task_ngrams: Ngrams | None = None,
+    reply_ngrams: Ngrams | None = None,
 ):  # noqa: ANN201 - an ndarray, or a CSR matrix with an n-gram block
     """The router's features: everything known before the LLM answers, unweighted. The
-    embeddings and n-grams are optional blocks (None: left out). The task statement's
-    n-grams come last, so a router fitted before they existed keeps its columns."""
+    embeddings and n-grams are optional blocks (None: left out). Each newer block comes
+    after the older ones (the turn's n-grams, the task statement's, the reply text's), so
+    a router fitted before a block existed keeps its columns."""
     dense = np.hstack(
         [
             onehot([v.identity for v in views], identities),
@@ -258,7 +264,7 @@ def input_blocks(
             *([] if turn_vecs is None else [turn_vecs]),
         ]
     ).astype(np.float32)
-    if ngrams is None and task_ngrams is None:
+    if ngrams is None and task_ngrams is None and reply_ngrams is None:
         return dense
     from scipy import sparse
 
@@ -267,6 +273,8 @@ def input_blocks(
         blocks.append(ngrams([v.turn_text for v in views]))
     if task_ngrams is not None:
         blocks.append(task_ngrams([v.task_text for v in views]))
+    if reply_ngrams is not None:
+        blocks.append(reply_ngrams([v.reply_text for v in views]))
     return sparse.hstack(blocks, format="csr", dtype=np.float32)
 
 
@@ -338,6 +346,7 @@ def strip_boilerplate(views: list[CallView]) -> tuple[list[CallView], dict[str, 
             v.inputs,
             task_text=dynamic_text(v.inputs.task_text, lines),
             turn_text=dynamic_text(v.inputs.turn_text, lines),
+            reply_text=dynamic_text(v.inputs.reply_text, lines),
         )
         out.append(replace(v, inputs=inputs))
     return out, shared

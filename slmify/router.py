@@ -3,7 +3,8 @@
 `slmify cluster` fits it on input-only features (agent identity, the task statement's
 answer format, the last turn's role, the agent's previous action, and the blocks the
 recipe's `router_features` name: the task statement's projected embedding and/or the
-TF-IDF of its word 1-2-grams, the same two of the last turn) against the clustering's
+TF-IDF of its word 1-2-grams, the same two of the last turn, the TF-IDF of the agent's
+last assistant message) against the clustering's
 own assignment, on the sessions eval never replays, scores it on those eval replays, and
 saves it to WORKSPACE/cluster/router/: `router.json` (`RouterMeta`: classes,
 vocabularies, the n-gram terms, settings, held-out score; read and written by
@@ -11,7 +12,7 @@ slmify.workspace, strictly) and `router.npz` (the projections, the n-grams' idf 
 logistic-regression weights). No pickle: both files are inspectable and loading runs no
 code from them. A router.json without `features` (written before it) uses the turn's
 embedding and no n-grams, one without `task_features` the task statement's embedding and
-no n-grams, as routers then did.
+no n-grams, one without `reply_ngrams` no reply block, as routers then did.
 
 `load_router(path).route(request)` returns `(task_id, confidence)`, or `(None,
 confidence)` for "stay with the LLM"; `route_many` routes several requests in one pass,
@@ -63,6 +64,7 @@ class Router:
     intercept: np.ndarray
     ngrams: Ngrams | None = None  # the last turn's; None: no such block
     task_ngrams: Ngrams | None = None  # the task statement's; None: no such block
+    reply_ngrams: Ngrams | None = None  # the last assistant message's; None: no such block
 
     def __post_init__(self) -> None:
         self._embedder: Any = None
@@ -97,6 +99,7 @@ class Router:
             None if self.turn_proj is None else self.turn_proj(turn_vecs),
             self.ngrams,
             self.task_ngrams,
+            self.reply_ngrams,
         )
 
     def fitted_on(self, session: str) -> bool:
@@ -121,6 +124,7 @@ class Router:
             view,
             task_text=dynamic_text(view.task_text, shared),
             turn_text=dynamic_text(view.turn_text, shared),
+            reply_text=dynamic_text(view.reply_text, shared),
         )
 
     def route(self, request: ChatRequest) -> tuple[str | None, float]:
@@ -184,6 +188,8 @@ class Router:
             arrays["turn_idf"] = self.ngrams.idf
         if self.task_ngrams is not None:
             arrays["task_idf"] = self.task_ngrams.idf
+        if self.reply_ngrams is not None:
+            arrays["reply_idf"] = self.reply_ngrams.idf
         np.savez(router_weights_file(folder), **arrays)
         write_router_meta(folder, self.meta)
 
@@ -244,14 +250,19 @@ def load_router(path: str | Path) -> Router:
             task_ngrams=Ngrams(meta.task_ngrams, a["task_idf"])
             if "task_ngrams" in blocks
             else None,
+            reply_ngrams=Ngrams(meta.reply_ngrams, a["reply_idf"])
+            if "reply_ngrams" in blocks
+            else None,
         )
 
 
 def router_blocks(meta: RouterMeta) -> tuple[str, ...]:
     """The optional feature blocks a router uses, the task statement's first
-    (`RouterMeta.task_features`, then `features`)."""
+    (`RouterMeta.task_features`, then `features`, then `reply_ngrams` where its vocabulary
+    is not empty: an empty one adds no column, so the router is the same without it)."""
     task = LEGACY_TASK_FEATURES if meta.task_features is None else tuple(meta.task_features)
-    return task + (LEGACY_FEATURES if meta.features is None else tuple(meta.features))
+    turn = LEGACY_FEATURES if meta.features is None else tuple(meta.features)
+    return task + turn + (("reply_ngrams",) if meta.reply_ngrams else ())
 
 
 def held_out(session: str, share: float) -> bool:
@@ -271,6 +282,7 @@ def fit_router(
     settings: dict[str, Any],
     held_out_share: float,
     seed: int,
+    reply_ngrams: bool = False,
 ) -> Router:
     """Fit on the sessions eval never replays; score on the ones it does.
 
@@ -281,8 +293,9 @@ def fit_router(
     (a tiny log), the router is fitted on all of them and its metadata says so
     (`held_out_share` None). `settings` carries what routing needs besides the weights
     (embedding model and length, shared lines, minimum confidence, `features` and
-    `task_features`: the optional blocks). The n-gram vocabularies are fitted on the
-    fitted calls only (their last turns, their task statements).
+    `task_features`: the optional blocks); `reply_ngrams` adds the block of the last
+    assistant message's n-grams. The n-gram vocabularies are fitted on the fitted calls
+    only (their last turns, their task statements, their last assistant messages).
     """
     inputs = [v.inputs for v in views]
     meta = RouterMeta(
@@ -305,10 +318,12 @@ def fit_router(
     # distinct statements instead, tau-airline's held-out accuracy was 0.685, not 0.692.
     statements = [inputs[i].task_text for i in fit]
     task_ngrams = Ngrams.fit(statements) if "task_ngrams" in blocks else None
+    reply = Ngrams.fit([inputs[i].reply_text for i in fit]) if reply_ngrams else None
     task_proj, turn_proj = projections
     terms = {
         "turn_ngrams": ngrams.terms if ngrams else [],
         "task_ngrams": task_ngrams.terms if task_ngrams else [],
+        "reply_ngrams": reply.terms if reply else [],
     }
     router = Router(
         meta.model_copy(update=terms),
@@ -318,6 +333,7 @@ def fit_router(
         np.zeros(0, np.float32),
         ngrams,
         task_ngrams,
+        reply if reply and reply.terms else None,  # as load_router will read it
     )
     X = router.features(inputs, task_vecs, turn_vecs)
     y = np.array([t or LLM for t in task_of])

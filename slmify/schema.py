@@ -186,6 +186,12 @@ class RouterMeta(BaseModel):
         description="The task statement's word 1-2-gram vocabulary, in column order (their "
         "idf in router.npz); empty without the task_ngrams block.",
     )
+    reply_ngrams: list[str] = Field(
+        default_factory=list,
+        description="The word 1-2-gram vocabulary of the agent's last assistant message, in "
+        "column order after every other block (their idf in router.npz); empty: no such "
+        "block (router_features without reply_ngrams, or a router written before it).",
+    )
 
 
 # -- S4/S5 train --------------------------------------------------------------------------

@@ -338,7 +338,7 @@ def test_a_router_json_without_features_routes_as_before(
 def test_router_features_name_the_bad_one() -> None:
     with pytest.raises(ClusterError) as e:
         load_cluster_config("default", ["router_features=[turn_ngrams, turn_words]"])
-    names = "'task_embedding', 'task_ngrams', 'turn_embedding' or 'turn_ngrams'"
+    names = "'task_embedding', 'task_ngrams', 'turn_embedding', 'turn_ngrams' or 'reply_ngrams'"
     assert str(e.value).endswith(f"router_features.1: Input should be {names}")
 
 

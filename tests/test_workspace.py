@@ -112,7 +112,7 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
     }
     path = ws.router_dir() / "router.json"
     added = {"held_out_share": None, "features": None, "turn_ngrams": []}
-    added |= {"task_features": None, "task_ngrams": []}
+    added |= {"task_features": None, "task_ngrams": [], "reply_ngrams": []}
     assert path.read_text(encoding="utf-8") == json.dumps(old | added, indent=1)
     assert type(ws.router_meta().holdout["test_calls"]) is int
     # A router written before held_out_share: fitted on every call, as it then was.
@@ -129,7 +129,7 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
     write_router_meta(ws.router_dir(), ngrams)
     added = {"held_out_share": 0.35, "features": ["turn_ngrams"], "turn_ngrams": ["a", "a b"]}
     assert path.read_text(encoding="utf-8") == json.dumps(
-        old | added | {"task_features": None, "task_ngrams": []}, indent=1
+        old | added | {"task_features": None, "task_ngrams": [], "reply_ngrams": []}, indent=1
     )
     assert ws.router_meta() == ngrams
     # ...and before task_features and task_ngrams: the task statement's embedding only.
@@ -140,7 +140,8 @@ def test_the_router_metadata_as_fit_router_wrote_it(tmp_path: Path) -> None:
     task = {"task_features": ["task_ngrams"], "task_ngrams": ["b", "b c", "c"]}
     both = ngrams.model_copy(update=task)
     write_router_meta(ws.router_dir(), both)
-    assert path.read_text(encoding="utf-8") == json.dumps(old | added | task, indent=1)
+    reply = {"reply_ngrams": []}
+    assert path.read_text(encoding="utf-8") == json.dumps(old | added | task | reply, indent=1)
     assert ws.router_meta() == both
     bad = old | added | task | {"task_features": ["turn_ngrams"]}
     path.write_text(json.dumps(bad), encoding="utf-8")
