@@ -163,6 +163,15 @@ def eval_(
     judge_model: Annotated[
         str | None, typer.Option("--judge-model", help="The judge's model name.")
     ] = None,
+    design: Annotated[
+        str | None,
+        typer.Option(
+            "--design",
+            help="For an agent with an agent-level specialist: auto (keep the design that "
+            "serves more calibration calls), tasks or agent (force one, to measure both); "
+            "default: the recipe's eval.design.",
+        ),
+    ] = None,
     workspace: WorkspaceOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -176,6 +185,8 @@ def eval_(
 
     if (judge_url is None) != (judge_model is None):
         raise fail("--judge-url and --judge-model go together")
+    if design not in (None, "auto", "tasks", "agent"):
+        raise fail(f"--design {design}: one of auto, tasks, agent")
     ws = Workspace.resolve(workspace, store)
     judge = Judge.from_env(judge_url, judge_model) if judge_url and judge_model else None
     with ws.open_store() as st:
@@ -187,6 +198,7 @@ def eval_(
             judge,
             progress=not as_json,
             announce=(lambda line: None) if as_json else typer.echo,
+            design=design,
         )
     # The per-task lines were printed as each task finished; JSON gets them structured.
     emit(summary if as_json else {k: v for k, v in summary.items() if k != "tasks"}, as_json)

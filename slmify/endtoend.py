@@ -189,7 +189,9 @@ class Replay:
         scored = self.scored(call, answer)
         settled = answer_decision(decision, answer, task)
         base = None
-        if compare_base and task.kind == "lora" and self.cfgs[task.id].compare_base:
+        # An agent-level specialist's base would answer every call of its agent: not asked.
+        own = task.answered_by is None
+        if compare_base and own and task.kind == "lora" and self.cfgs[task.id].compare_base:
             base = self.scored(call, self.pool.answer(task.id, call.request, use_adapter=False))
         ok = agrees(scored.score, scored.judge, self.cfgs[task.id])
         return row.model_copy(

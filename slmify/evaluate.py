@@ -210,9 +210,12 @@ def evaluate_workspace(
     judge: Judge | None = None,
     progress: bool = True,
     announce: Callable[[str], None] = lambda line: None,
+    design: str | None = None,
 ) -> dict[str, Any]:
     """Calibrate and evaluate every trained task (or `task_ids`) end to end; returns the
-    summary `slmify eval` prints, headed by the share of held-out calls served."""
+    summary `slmify eval` prints, headed by the share of held-out calls served. `design`
+    overrides the recipe's eval.design (slmify.agent)."""
+    from slmify.agent import agent_calls, choose_designs
     from slmify.endtoend import Replay, end_to_end, fit_deferrals, task_served
     from slmify.runtime import TextEncoder
     from slmify.specialists import SpecialistPool, serving_threshold
@@ -235,8 +238,11 @@ def evaluate_workspace(
             trained.append(found)
     if not trained:
         return summary
-    # 1. The deployment as serve would load it, every trained specialist a candidate.
-    pool = SpecialistPool([t.runtime() for t in trained])
+    # 1. The deployment as serve would load it, every trained specialist a candidate, and
+    # the agent-level specialists of agents whose calls some task could serve.
+    design = design or trained[0].cfg.design
+    agents = [] if design == "tasks" else trained_agents(ws_root, trained, judge)
+    pool = SpecialistPool([t.runtime() for t in trained] + [a.runtime for a in agents])
     deployment = Replay(
         router=_load_router(ws_root),
         pool=pool,
@@ -248,11 +254,18 @@ def evaluate_workspace(
     calls = held_out_calls(store, trained, limit)
     out = ws.endtoend_dir()
     out.mkdir(parents=True, exist_ok=True)
-    with _progress(sum(len(c) for c in calls.values()), progress) as tick:
-        # 2. Calibration: fit each task's confidence threshold.
+    again = agent_calls(agents, calls["calibration"])
+    with _progress(sum(len(c) for c in calls.values()) + len(again), progress) as tick:
+        # 2. Calibration: fit each task's confidence threshold; where an agent has an
+        # agent-level specialist, replay its calls with it too and keep the better design.
         rows = deployment.run(calls["calibration"], calibrating=True, tick=tick)
         _write_rows(out / "calibration.jsonl", rows)
         deferrals = fit_deferrals(rows, deployment)
+        designs = []
+        if agents:
+            deferrals, designs = choose_designs(
+                deployment, agents, again, deferrals, fit_deferrals, design, tick
+            )
         for task_id, deferral in deferrals.items():
             threshold = serving_threshold(deferral)
             pool.tasks[task_id] = replace(pool.tasks[task_id], threshold=threshold)
@@ -282,7 +295,9 @@ def evaluate_workspace(
             "router from before held-out fitting): routing figures are optimistic; re-run "
             "`slmify cluster` or `slmify run`"
         )
-    headline = headline.model_copy(update={"router_fitted_on": seen})
+    headline = headline.model_copy(update={"router_fitted_on": seen, "designs": designs})
+    for choice in designs:
+        announce(f"{choice.agent}: design {choice.design}: {choice.why}")
     ws.write_end_to_end(headline)
     announce(headline.headline())
     summary["promoted"] = len(promoted)
@@ -290,6 +305,23 @@ def evaluate_workspace(
     summary["headline"] = headline.headline()
     summary["reports"] = str(ws.evals_dir())
     return summary
+
+
+def trained_agents(ws_root: Path, trained: list[TrainedTask], judge: Judge | None) -> list:
+    """The agent-level specialists (slmify.agent) whose agent has a task whose agreement
+    can be decided: an agent whose every task is free text without a judge or
+    eval.text_similarity could serve nothing either way."""
+    from slmify.agent import trained_agents as found
+
+    cfgs = {t.task.id: t.cfg for t in trained}
+    decidable = {
+        t.task.id
+        for t in trained
+        if t.task.output_shape != "text" or judge is not None or t.cfg.text_similarity is not None
+    }
+    first = trained[0].cfg
+    agents = found(ws_root, set(cfgs), first.max_new_tokens)
+    return [a for a in agents if decidable & set(a.plan.actions.values())]
 
 
 def router_fitted_on(router: Any, calls: list[CallRecord]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -58,6 +59,12 @@ class EvalConfig(BaseModel):
         description="A task whose agreement cannot be decided (free text without a judge or "
         "text_similarity) can never be promoted: it answers at most this many of the test "
         "calls routed to it (a sample by `seed`), for its report's similarity figures.",
+    )
+    design: Literal["auto", "tasks", "agent"] = Field(
+        "auto",
+        description="For an agent with an agent-level specialist: auto keeps the design "
+        "that serves more of the calibration sessions' calls; tasks or agent forces one "
+        "(to measure both on the test sessions).",
     )
     seed: int = 0
 

@@ -49,6 +49,8 @@ from slmify.manifest_file import (
     write_schema,
 )
 from slmify.schema import (
+    AgentEntry,
+    EndToEnd,
     EvalReport,
     FallbackLLM,
     Manifest,
@@ -97,6 +99,13 @@ def build_manifest(ws_root: Path, store: Any) -> Manifest:
     tasks = ws.tasks()
     entries = [manifest_task(ws_root, t) for t in tasks]
     headline = ws.end_to_end()
+    agents = manifest_agents(ws_root, headline)
+    for agent in agents:
+        if agent.design != "agent":
+            continue
+        for entry in entries:  # evaluated as answered by the agent-level specialist
+            if entry.id in agent.actions.values() and entry.specialist is not None:
+                entry.answered_by, entry.specialist = agent.id, agent.specialist
     return Manifest(
         created_at=datetime.now(timezone.utc),
         router=router_spec(ws_root),
@@ -104,7 +113,32 @@ def build_manifest(ws_root: Path, store: Any) -> Manifest:
         tasks=entries,
         end_to_end=headline,
         savings=savings(tasks, entries),
+        agents=agents,
     )
+
+
+def manifest_agents(ws_root: Path, headline: EndToEnd | None) -> list[AgentEntry]:
+    """The agent-level specialists the last eval weighed (slmify.agent), with its choice."""
+    ws = Workspace.at(ws_root)
+    plans = ws.agent_plans()
+    out = []
+    for choice in headline.designs if headline else []:
+        plan, result = plans.get(choice.agent), ws.trained(choice.agent)
+        if plan is None or isinstance(result, str):
+            continue
+        spec = specialist_spec(ws.specialist_dir(choice.agent), result)
+        out.append(
+            AgentEntry(
+                id=choice.agent,
+                identity=choice.identity,
+                design=choice.design,
+                why=choice.why,
+                actions=plan.actions,
+                # It chooses the tool itself: generated without a grammar, as evaluated.
+                specialist=spec.model_copy(update={"constrained": False}),
+            )
+        )
+    return out
 
 
 def manifest_task(ws_root: Path, task: TaskCluster) -> ManifestTask:

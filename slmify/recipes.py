@@ -215,6 +215,16 @@ class GenerateConfig(_Section):
     )
 
 
+class AgentConfig(_Section):
+    specialist: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: for each agent whose calls the cluster stage split into two "
+        "tasks or more (one prompt deciding its next action), also train one LoRA on all "
+        "its calls that chooses the action itself (slmify.agent); eval keeps it where it "
+        "serves more calibration calls than router + task specialists. off: never.",
+    )
+
+
 class Recipe(_Section):
     name: str = ""
     model: ModelConfig
@@ -229,6 +239,7 @@ class Recipe(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
 
     @model_validator(mode="after")
     def _four_bit_needs_cuda_and_lora(self) -> Recipe:

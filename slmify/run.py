@@ -275,6 +275,9 @@ class Pipeline:
             results[task_id] = summary.tasks[0].status
             self.state.train[task_id] = {"calls": calls.get(task_id, ""), "recipe": recipe_hash}
             self.ws.write_run_state(self.state)
+        # An agent-level specialist learns from its agent's tasks' calls: retrained with them.
+        summary = train_all(self.ws, self.recipe, progress=self.progress, only_agents=True)
+        results.update({r.id: r.status for r in summary.tasks})
         return StageOutcome(
             name="train",
             ran=True,

@@ -350,6 +350,11 @@ class ManifestTask(BaseModel):
     served: TaskServed | None = None
     data_hash: str | None = None
     recipe_hash: str | None = None
+    answered_by: str | None = Field(
+        default=None,
+        description="The agent-level specialist (`agents`) that answers this task's calls "
+        "(its `specialist` is then that one); null: the task's own specialist.",
+    )
 
 
 class Savings(BaseModel):
@@ -369,6 +374,36 @@ class Savings(BaseModel):
     prices: str = Field(description="Where the prices came from.")
 
 
+class AgentPlan(BaseModel):
+    """`specialists/agent-<identity>/agent.json`: which task each action of an agent-level
+    specialist's answers belongs to (the task where the LLM's calls with that action were
+    clustered most)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    identity: str
+    calls: int
+    actions: dict[str, str] = Field(description="Action (tool name(s), or text shape) -> task.")
+
+
+class AgentEntry(BaseModel):
+    """An agent-level specialist: one adapter answering every call of one agent, its
+    action naming the task whose threshold and promotion decide."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    identity: str
+    design: Literal["tasks", "agent"] = Field(
+        description="agent: it answers the agent's calls (the router is not asked for them); "
+        "tasks: the router and task specialists do, as evaluated."
+    )
+    why: str
+    actions: dict[str, str]
+    specialist: SpecialistSpec
+
+
 class Manifest(BaseModel):
     """`WORKSPACE/manifest.yaml`: what to deploy, and why each task is or is not promoted."""
 
@@ -383,6 +418,9 @@ class Manifest(BaseModel):
         default=None, description="Held-out sessions replayed through this deployment."
     )
     savings: Savings
+    agents: list[AgentEntry] = Field(
+        default_factory=list, description="Agent-level specialists and the design chosen."
+    )
     exports: dict[str, str] = Field(
         default_factory=dict, description="Serving configs written beside the manifest."
     )

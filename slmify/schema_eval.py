@@ -144,6 +144,22 @@ class TaskServed(BaseModel):
     agreement_lower_without_deferral: float | None
 
 
+class DesignChoice(BaseModel):
+    """For one agent whose calls share one prompt: router + task specialists, or its
+    agent-level specialist (slmify.agent), chosen by what each serves of the calibration
+    sessions' calls at the targets (the test sessions only report)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    identity: str = Field(description="The agent (its system prompt and tool set, hashed).")
+    agent: str = Field(description="The agent-level specialist's id (agent-<identity>).")
+    design: Literal["tasks", "agent"]
+    calibration_calls: int = Field(description="The agent's calls in the calibration sessions.")
+    served_tasks: int = Field(description="Of those, served at a fitted threshold by tasks.")
+    served_agent: int = Field(description="Of those, served at a fitted threshold by the agent.")
+    why: str
+
+
 class EndToEnd(BaseModel):
     """The headline: held-out sessions replayed through the deployment as serve runs it."""
 
@@ -183,6 +199,11 @@ class EndToEnd(BaseModel):
         "fitted on: routing figures over them are optimistic. 0 unless the router was "
         "clustered with a holdout_share below the recipe's test + calibration fractions, or "
         "before routers held sessions out.",
+    )
+    designs: list[DesignChoice] = Field(
+        default_factory=list,
+        description="Per agent with an agent-level specialist: which design these figures "
+        "are of, and why.",
     )
 
     def headline(self) -> str:

@@ -403,9 +403,24 @@ def load_service(
             )
             router.warm_up()
         runtimes = task_runtimes(manifest, unpromoted=shadow_rate > 0)
+        agents = {
+            a.identity: (a.id, a.actions)
+            for a in manifest.agents
+            if any(r.id == a.id for r in runtimes)
+        }
+        if agents and backend_urls:
+            raise ServeError(
+                f"{manifest_path}: an agent-level specialist answers calls here; serving it "
+                "from completions servers (--backend) is not supported yet"
+            )
         if backend_urls:
             backend, runtimes = connect_backend(manifest, runtimes, backend_urls, timeout_s)
         pool = SpecialistPool(runtimes, backend)
+        if agents and router is not None:
+            from slmify.agent import AgentRouter
+
+            promoted = {t.id for t in manifest.tasks if t.status == "promoted"}
+            router = AgentRouter(router, pool, agents, promoted.__contains__)
     except (ManifestError, EvalError, BackendError, OSError, ValueError) as e:
         raise ServeError(f"{manifest_path}: cannot load what it names: {e}") from e
     threads = (

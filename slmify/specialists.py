@@ -37,7 +37,8 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ from slmify.schema import (
 )
 
 log = logging.getLogger(__name__)
+
+# An agent-level specialist's answers kept for the task its action names (serve routes a
+# call and answers it a moment later; eval likewise, one call at a time).
+MEMO_SIZE = 64
 
 
 def load_any_head(kind: SpecialistKind, folder: Path | None) -> Any:
@@ -97,6 +102,12 @@ class TaskRuntime:
     # None: the pool reads the recipe beside the adapter (eval's runtimes, built from the
     # train stage's folder).
     constrained: bool | None = None
+    # The agent-level specialist (slmify.agent) that answers for this task: its answer,
+    # whose action named this task, is this task's. None: the task's own specialist.
+    answered_by: str | None = None
+    # An agent-level specialist: it answers any call of its agent, in words or with any
+    # tool, its confidence the least likely token's (the action's and everything after).
+    agent: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,8 +160,27 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
                 max_new_tokens=max_new_tokens,
                 threshold=serving_threshold(task.deferral),
                 constrained=constrained,
+                answered_by=task.answered_by,
             )
         )
+    answering = {t.answered_by for t in out}
+    for agent in manifest.agents:
+        spec = agent.specialist
+        if agent.design == "agent" and agent.id in answering:
+            out.append(
+                TaskRuntime(
+                    id=agent.id,
+                    output_shape="text",
+                    kind="lora",
+                    base_path=spec.base_model_path,
+                    adapter=Path(spec.adapter_path) if spec.adapter_path else None,
+                    head=None,
+                    pruning=spec.pruning,
+                    max_new_tokens=spec.max_new_tokens,
+                    constrained=False,
+                    agent=True,
+                )
+            )
     return out
 
 
@@ -214,6 +244,10 @@ class SpecialistPool:
 
         self.tasks = {t.id: t for t in tasks}
         self.lock = threading.Lock()
+        # An agent-level specialist's latest answers by prompt: routing generated them, the
+        # task its action named returns them (greedy: the same prompt, the same answer).
+        self.memo: OrderedDict[tuple[str, str, int], Answer] = OrderedDict()
+        tasks = [t for t in tasks if t.answered_by is None]
         # Per LoRA task, whether it generates under a grammar (`generate.constrained`: the
         # manifest's, or the recipe's for eval), and why a task whose grammar did not
         # compile was generated unconstrained.
@@ -244,25 +278,55 @@ class SpecialistPool:
                 self._models[t.base_path].add_adapter(t.adapter, t.id)
                 self._adapter_name[t.id] = t.id
 
-    def answer(self, task_id: str, request: ChatRequest, use_adapter: bool = True) -> Answer:
+    def answer(
+        self,
+        task_id: str,
+        request: ChatRequest,
+        use_adapter: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> Answer:
         """The task's specialist's answer (blocking; safe from any thread); OutOfScope when
         the prompt does not fit the base model's context window. `use_adapter=False`
-        answers with the base model alone (eval's comparison)."""
+        answers with the base model alone (eval's comparison); `max_new_tokens` caps it
+        below the evaluated cap (an agent-level specialist's first tokens say its action)."""
         task = self.tasks[task_id]
+        if task.answered_by is not None:
+            found = self.answer(task.answered_by, request, use_adapter, max_new_tokens)
+            problem = found.problem or answer_problem(task, request, found.text, found.message)
+            return replace(found, task_id=task_id, problem=problem)
         if task.kind in HEAD_KINDS:
             return self._head_answer(task, request)
         spec = self._models[task.base_path]
         prompt = build_prompt(spec.tokenizer, request, task.pruning)
-        prompt_tokens = len(spec.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         asked = request.params.get("max_completion_tokens") or request.params.get("max_tokens")
         cap = min(task.max_new_tokens, asked) if isinstance(asked, int) else task.max_new_tokens
+        cap = min(cap, max_new_tokens or cap)
+        key = (task_id, prompt, cap)
+        if use_adapter and task.agent:
+            with self.lock:
+                if (known := self.memo.get(key)) is not None:
+                    return known
+            found = self._generate(task, request, prompt, cap, use_adapter)
+            with self.lock:
+                self.memo[key] = found
+                while len(self.memo) > MEMO_SIZE:
+                    self.memo.popitem(last=False)
+            return found
+        return self._generate(task, request, prompt, cap, use_adapter)
+
+    def _generate(
+        self, task: TaskRuntime, request: ChatRequest, prompt: str, cap: int, use_adapter: bool
+    ) -> Answer:
+        task_id = task.id
+        spec = self._models[task.base_path]
+        prompt_tokens = len(spec.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         window = spec.context_window
         if prompt_tokens + cap > window:
             raise OutOfScope(f"prompt of {prompt_tokens} tokens + {cap} to generate > {window}")
         t0 = time.perf_counter()
         name = self._adapter_name[task_id]
         grammar, failed = self._grammar(task, request, spec)
-        shape = task.output_shape
+        shape = "tool_call" if task.agent else task.output_shape  # tool_call: least likely token
         if spec.remote:  # a server batches concurrent calls itself: no lock, no selection
             generated = spec.answer(prompt, use_adapter, cap, shape, grammar, adapter=name)
         else:

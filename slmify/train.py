@@ -74,16 +74,35 @@ def gather_calls(ws: Workspace, assignment: dict[str, str]) -> tuple[dict[str, l
 
 
 def train_all(
-    ws: Workspace, recipe: Recipe, task_id: str | None = None, progress: bool = True
+    ws: Workspace,
+    recipe: Recipe,
+    task_id: str | None = None,
+    progress: bool = True,
+    only_agents: bool = False,
 ) -> TrainSummary:
-    """Train every task (or `task_id`); one SpecialistResult per task in the summary, which
-    is kept in specialists/summary.json."""
+    """Train every task and agent-level specialist (or `task_id`'s, or with `only_agents`
+    the agent-level ones); one SpecialistResult each in the summary, which is kept in
+    specialists/summary.json."""
     tasks, assignment = ws.tasks(), ws.assigned()
-    if task_id is not None:
+    if task_id is not None or only_agents:
         tasks = [t for t in tasks if t.id == task_id]
-        if not tasks:
-            raise TrainError(f"no task {task_id!r} in {ws.tasks_file()}")
     by_task, source = gather_calls(ws, assignment)
+    agents = agent_jobs(ws, by_task, recipe, task_id)
+    if task_id is not None and not tasks and not agents:
+        raise TrainError(f"no task {task_id!r} in {ws.tasks_file()}")
+    if not tasks and not agents:  # only_agents, and no agent has two tasks: nothing to do
+        return TrainSummary(
+            recipe=recipe.name,
+            base_model=recipe.model.base,
+            device="none",
+            plan=[],
+            calls=source,
+            trained=0,
+            skipped=0,
+            validation_loss={},
+            heads={},
+            tasks=[],
+        )
     # 1. Locate the base model (materializing an embedded GGUF once) and screen it.
     import torch
 
@@ -110,14 +129,13 @@ def train_all(
         tokenizer.pad_token = tokenizer.eos_token
     # 2. One independent job per task.
     results = []
-    with Bars(progress, len(tasks)) as bars:
-        for task in tasks:
+    jobs = [(t, by_task.get(t.id, [])) for t in tasks] + list(agents.values())
+    with Bars(progress, len(jobs)) as bars:
+        for task, calls in jobs:
             out = ws.specialist_dir(task.id)
             out.mkdir(parents=True, exist_ok=True)
             bars.start(task.id)
-            result = train_task(
-                task, by_task.get(task.id, []), recipe, info, tokenizer, plan, out, bars
-            )
+            result = train_task(task, calls, recipe, info, tokenizer, plan, out, bars)
             ws.write_result(result)
             results.append(result)
             bars.done()
@@ -143,6 +161,26 @@ def train_all(
     )
     ws.write_train_summary(summary)
     return summary
+
+
+def agent_jobs(
+    ws: Workspace, by_task: dict[str, list[CallRecord]], recipe: Recipe, task_id: str | None
+) -> dict[str, tuple[TaskCluster, list[CallRecord]]]:
+    """The agent-level specialists to train (slmify.agent; all of them, or `task_id`'s), each
+    as a task of free text over all its agent's calls; their plans are written as planned."""
+    from slmify.agent import plan_agents
+
+    if recipe.agent.specialist == "off":
+        return {}
+    out = {}
+    for agent, (plan, calls) in plan_agents(by_task).items():
+        if task_id is not None and agent != task_id:
+            continue
+        label = f"every call of agent {plan.identity}, {len(plan.actions)} actions"
+        task = TaskCluster(id=agent, label=label, output_shape="text", calls=len(calls), share=0.0)
+        out[agent] = (task, calls)
+        ws.write_agent_plan(agent, plan)
+    return out
 
 
 def train_task(

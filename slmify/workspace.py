@@ -54,6 +54,7 @@ from slmify.modelfile import WorkspaceError, first_error, read_model, write_text
 
 if TYPE_CHECKING:  # the schema loads on first use: `--help` stays instant
     from slmify.schema import (
+        AgentPlan,
         EndToEnd,
         EvalReport,
         PromptPruning,
@@ -96,6 +97,7 @@ SPLITS_FILE = "splits.json"
 PRUNING_FILE = "pruning.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+AGENT_PLAN_FILE = "agent.json"  # an agent-level specialist's folder: which task each action is
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,19 @@ class Workspace:
                 f" ({result.reason})" if result.reason else ""
             )
         return result
+
+    def agent_plans(self) -> dict[str, AgentPlan]:
+        """The agent-level specialists' plans (slmify.agent), by specialist id."""
+        from slmify.schema import AgentPlan
+
+        root = self.specialists_dir()
+        found = sorted(root.glob(f"*/{AGENT_PLAN_FILE}")) if root.is_dir() else []
+        return {p.parent.name: read_model(p, AgentPlan) for p in found}
+
+    def write_agent_plan(self, agent: str, plan: AgentPlan) -> Path:
+        path = self.specialist_dir(agent) / AGENT_PLAN_FILE
+        write_text(path, plan.model_dump_json(indent=2))
+        return path
 
     def splits(self, task_id: str) -> Splits:
         return read_splits_file(self.specialist_dir(task_id))

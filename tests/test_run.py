@@ -140,13 +140,30 @@ class Fakes:
             routed.append(Routed(call_id, task, 0.95 if task else 1.0))
         return routed
 
-    def train_all(self, ws, recipe, task_id=None, progress=True):
+    def train_all(self, ws, recipe, task_id=None, progress=True, only_agents=False):
         """A specialist folder as `slmify train` writes it; the adapter's bytes are a hash
-        of the task's calls and the recipe, so they change exactly when those do."""
+        of the task's calls and the recipe, so they change exactly when those do. The demo
+        agent's four prompts have a task each: no agent-level specialist to train (the
+        real function finds none, loading no model)."""
         from slmify.datasets import assign_splits
         from slmify.recipes import save_resolved
         from slmify.schema import content_hash
-        from slmify.train import TrainError, gather_calls
+        from slmify.train import TrainError, agent_jobs, gather_calls
+
+        if only_agents:
+            assert agent_jobs(ws, gather_calls(ws, ws.assigned())[0], recipe, None) == {}
+            return TrainSummary(
+                recipe=recipe.name,
+                base_model=recipe.model.base,
+                device="none",
+                plan=[],
+                calls="",
+                trained=0,
+                skipped=0,
+                validation_loss={},
+                heads={},
+                tasks=[],
+            )
 
         if self.fail_train:
             raise TrainError("specialists/t01-classify: out of memory (fake)")
