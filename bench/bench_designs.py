@@ -13,8 +13,10 @@ wrote) and prints, per design, over the test sessions' calls:
   agent-level specialist's answer;
 - routing accuracy when routing: the task picked is the one the cluster stage put the
   call in (it saw the LLM's answer: its action);
-- served share, agreement with the LLM and its lower bound, and misrouted calls among the
-  served (the issue's goal: at most 1 in 20);
+- answered: calls a specialist answered; past threshold: of those, the answers valid and
+  above their task's calibrated threshold (served, were the task promoted);
+- served share (promoted tasks only), agreement with the LLM and its lower bound, and
+  misrouted calls among the served (the issue's goal: at most 1 in 20);
 - the calibration comparison eval made for the agent (served at the targets by each
   design) and the design `--design auto` would keep.
 """
@@ -24,15 +26,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slmify.schema import EndToEnd, ReplayedCall
+from slmify.schema import EndToEnd, EvalReport, ReplayedCall
 
 
 def figures(ws: Path) -> tuple[EndToEnd, dict[str, float | int | None]]:
     folder = ws / "eval" / "endtoend"
     e2e = EndToEnd.model_validate_json((folder / "summary.json").read_text())
     rows = [ReplayedCall.model_validate_json(x) for x in (folder / "test.jsonl").open()]
+    reports = [EvalReport.model_validate_json(p.read_text()) for p in ws.glob("eval/*/report.json")]
+    promoted = {r.task_id for r in reports if r.decision.status == "promoted"}
     routed = [r for r in rows if r.picked is not None]
-    served = [r for r in rows if r.answered_by != "llm"]
+    served = [r for r in rows if r.answered_by in promoted]
     misroutes = sum(r.picked != r.cluster_task for r in served)
     return e2e, {
         "calls": len(rows),
@@ -41,6 +45,7 @@ def figures(ws: Path) -> tuple[EndToEnd, dict[str, float | int | None]]:
         if routed
         else None,
         "answered": sum(r.answer is not None for r in rows),
+        "past_threshold": sum(r.answered_by != "llm" for r in rows),
         "served": len(served),
         "served_share": e2e.served_share,
         "agreement": e2e.agreement,

@@ -313,14 +313,12 @@ def trained_agents(ws_root: Path, trained: list[TrainedTask], judge: Judge | Non
     eval.text_similarity could serve nothing either way."""
     from slmify.agent import trained_agents as found
 
-    cfgs = {t.task.id: t.cfg for t in trained}
     decidable = {
         t.task.id
         for t in trained
         if t.task.output_shape != "text" or judge is not None or t.cfg.text_similarity is not None
     }
-    first = trained[0].cfg
-    agents = found(ws_root, set(cfgs), first.max_new_tokens)
+    agents = found(ws_root, {t.task.id for t in trained}, trained[0].cfg.max_new_tokens)
     return [a for a in agents if decidable & set(a.plan.actions.values())]
 
 

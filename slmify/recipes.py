@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmify.errors import EXIT_BAD_CONFIG, SlmifyError
 from slmify.gate import EvalConfig
@@ -223,6 +223,12 @@ class AgentConfig(_Section):
         "its calls that chooses the action itself (slmify.agent); eval keeps it where it "
         "serves more calibration calls than router + task specialists. off: never.",
     )
+
+    @field_validator("specialist", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true)."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class Recipe(_Section):

@@ -48,7 +48,7 @@ def _record(session: int, step: int, messages: list[dict], answer: dict) -> dict
     }
 
 
-def write_agent_log(path: Path, sessions: int = 80) -> Path:
+def write_agent_log(path: Path, sessions: int = 50) -> Path:
     """A one-prompt agent: per session, a tool call then a reply."""
     lines = []
     for s in range(sessions):
@@ -94,7 +94,10 @@ def agent_ws(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
     log = write_agent_log(root / "calls.jsonl.gz")
     run_cli("collect", "import", str(log), "--curate", "-w", str(ws))
     run_cli("cluster", "-w", str(ws), *sets(["n_clusters=2", "holdout_share=0.6"]))
-    out = run_cli("train", "-w", str(ws), *sets([f"model.base={tiny_base}", *TINY_TRAIN]))
+    # The CPU recipes leave agent-level specialists off (a minute of CPU teaches a LoRA no
+    # agent's policy); auto is what the GPU recipes and a recipe without the key say.
+    overrides = [f"model.base={tiny_base}", *TINY_TRAIN, "agent.specialist=auto"]
+    out = run_cli("train", "-w", str(ws), *sets(overrides))
     assert [t["id"] for t in out["tasks"] if t["id"].startswith("agent-")], out
     return ws
 
@@ -112,7 +115,7 @@ def test_an_agent_split_into_tasks_gets_a_plan_naming_each_actions_task(agent_ws
     ws = Workspace.at(agent_ws)
     [(agent, plan)] = ws.agent_plans().items()
     tasks = {t.id: t for t in ws.tasks()}
-    assert agent == f"agent-{plan.identity}" and plan.calls == 160
+    assert agent == f"agent-{plan.identity}" and plan.calls == 100
     # The tool call's task and the reply's task, as the cluster stage named them.
     assert set(plan.actions) == {"lookup_order", "text"}
     assert tasks[plan.actions["lookup_order"]].output_shape == "tool_call"
@@ -236,3 +239,13 @@ class _FixedRouter:
 
     def route_many(self, requests: list) -> list:
         raise AssertionError("every call here is the agent's")
+
+
+def test_the_cpu_recipes_leave_agent_level_specialists_off_as_yaml_spells_it() -> None:
+    """`specialist: off` in YAML is the boolean false; it reads as "off" (true as "auto")."""
+    from slmify.recipes import AgentConfig, load_recipe
+
+    for name in ("cpu-smollm2-135m", "cpu-gemma3-270m"):
+        assert load_recipe(name).agent.specialist == "off"
+    assert AgentConfig.model_validate({"specialist": True}).specialist == "auto"
+    assert AgentConfig().specialist == "auto"
