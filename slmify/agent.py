@@ -36,7 +36,7 @@ from slmify.schema import AgentPlan, CallRecord, ChatRequest, Deferral
 from slmify.schema_calls import message_text, message_tool_calls
 from slmify.schema_eval import DesignChoice
 from slmify.shapes import text_shape
-from slmify.specialists import OutOfScope, SpecialistPool, TaskRuntime
+from slmify.specialists import OutOfScope, SpecialistPool, TaskRuntime, agent_runtime
 
 AGENT_PREFIX = "agent-"
 TOOL_MARK = "<tool_call>"
@@ -167,18 +167,9 @@ def trained_agents(ws_root: Path, trained: set[str], max_new_tokens: int) -> lis
         actions = {a: t for a, t in plan.actions.items() if t in trained}
         if isinstance(result, str) or result.kind != "lora" or not actions:
             continue
-        runtime = TaskRuntime(
-            id=agent,
-            output_shape="text",
-            kind="lora",
-            base_path=str(resolve_base(result.base_model)),
-            adapter=Path(result.adapter),
-            head=None,
-            pruning=read_pruning_file(ws.specialist_dir(agent)),
-            max_new_tokens=max_new_tokens,
-            constrained=False,
-            agent=True,
-        )
+        pruning = read_pruning_file(ws.specialist_dir(agent))
+        base = str(resolve_base(result.base_model))
+        runtime = agent_runtime(agent, base, Path(result.adapter), pruning, max_new_tokens)
         out.append(TrainedAgent(agent, plan.model_copy(update={"actions": actions}), runtime))
     return out
 

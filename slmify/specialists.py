@@ -167,21 +167,32 @@ def task_runtimes(manifest: Manifest, unpromoted: bool = False) -> list[TaskRunt
     for agent in manifest.agents:
         spec = agent.specialist
         if agent.design == "agent" and agent.id in answering:
+            adapter = Path(spec.adapter_path or "")
             out.append(
-                TaskRuntime(
-                    id=agent.id,
-                    output_shape="text",
-                    kind="lora",
-                    base_path=spec.base_model_path,
-                    adapter=Path(spec.adapter_path) if spec.adapter_path else None,
-                    head=None,
-                    pruning=spec.pruning,
-                    max_new_tokens=spec.max_new_tokens,
-                    constrained=False,
-                    agent=True,
+                agent_runtime(
+                    agent.id, spec.base_model_path, adapter, spec.pruning, spec.max_new_tokens
                 )
             )
     return out
+
+
+def agent_runtime(
+    agent: str, base_path: str | None, adapter: Path, pruning: PromptPruning, max_new_tokens: int
+) -> TaskRuntime:
+    """An agent-level specialist (slmify.agent) as the pool runs it: free generation (it
+    chooses the tool itself), any action."""
+    return TaskRuntime(
+        id=agent,
+        output_shape="text",
+        kind="lora",
+        base_path=base_path,
+        adapter=adapter,
+        head=None,
+        pruning=pruning,
+        max_new_tokens=max_new_tokens,
+        constrained=False,
+        agent=True,
+    )
 
 
 def serving_threshold(deferral: Deferral | None) -> float | None:
