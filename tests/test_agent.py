@@ -182,6 +182,19 @@ def test_eval_weighs_both_designs_and_the_manifest_serves_the_one_chosen(
     assert agent.design == "agent" and agent.specialist.constrained is False
     answered = {t.id for t in manifest.tasks if t.answered_by == agent.id}
     assert answered == set(agent.actions.values())
+    # serve loads the agent design behind its router (shadow mode loads the unpromoted
+    # tasks too); from completions servers it refuses it, saying so.
+    from slmify.serve import ServeError, load_service
+    from slmify.store import open_store
+
+    upstream = "http://127.0.0.1:9/v1"
+    with open_store(str(tmp_path / "served.db")) as st:
+        service = load_service(ws / "manifest.yaml", st, upstream, 10, 1.0)
+        service.writer.close()
+        with pytest.raises(ServeError, match="not supported yet"):
+            load_service(ws / "manifest.yaml", st, upstream, 10, 1.0, [upstream])
+    assert isinstance(service.router, AgentRouter)
+    assert service.pool.tasks[agent.id].agent
     # Serve's runtimes answer each routed call exactly as the replay did, through the
     # agent-level specialist; the task its answer names is the one the replay picked.
     pool = SpecialistPool(task_runtimes(manifest, unpromoted=True))
