@@ -102,6 +102,7 @@ class AgentRouter:
         an answer in words is not generated past its first tokens)."""
         self.base, self.pool, self.agents, self.words = base, pool, agents, words
         self.meta = base.meta
+        self.generates = True  # routing is answering: eval's progress follows routing
 
     def fitted_on(self, session: str) -> bool:
         return self.base.fitted_on(session)

@@ -112,7 +112,10 @@ class Replay:
         be decided is not asked (nothing to fit); testing, it is asked a sample of its calls
         (`sampled`), and the base model of a LoRA specialist answers too where its recipe's
         eval.compare_base says so."""
-        decisions = self.route(calls)
+        # A router that generates (an agent-level specialist answers while routing) spends
+        # the time there: progress follows routing then, else the answers.
+        generates = getattr(self.router, "generates", False)
+        decisions = self.route(calls, tick if generates else lambda: None)
         if calibrating:
             decisions = [
                 replace(d, task_id=None, reason=UNDECIDABLE)
@@ -125,10 +128,13 @@ class Replay:
         out = []
         for call, decision in zip(calls, decisions, strict=True):
             out.append(self.answer(call, decision, compare_base=not calibrating))
-            tick()
+            if not generates:
+                tick()
         return out
 
-    def route(self, calls: list[CallRecord]) -> list[Decision]:
+    def route(
+        self, calls: list[CallRecord], tick: Callable[[], None] = lambda: None
+    ) -> list[Decision]:
         """Where each call goes before any specialist answers (router, scope checks)."""
         threshold = self.router.meta.min_confidence if self.router is not None else 1.0
         tasks = self.pool.tasks
@@ -141,6 +147,7 @@ class Replay:
                 routes = self.router.route_many([c.request for c in batch])
             for call, (picked, conf) in zip(batch, routes, strict=True):
                 out.append(route_decision(call.request, picked, conf, threshold, tasks, tasks))
+                tick()
         return out
 
     def sampled(self, calls: list[CallRecord], decisions: list[Decision]) -> list[Decision]:
