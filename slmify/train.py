@@ -89,6 +89,11 @@ def train_all(
     by_task, source = gather_calls(ws, assignment)
     agents = agent_jobs(ws, by_task, recipe, task_id)
     if task_id is not None and not tasks and not agents:
+        if task_id.startswith("agent-") and recipe.agent.specialist == "off":
+            raise TrainError(
+                f"{task_id}: agent-level specialists are off in recipe {recipe.name!r} "
+                "(agent.specialist: off); add --set agent.specialist=auto"
+            )
         raise TrainError(f"no task {task_id!r} in {ws.tasks_file()}")
     if not tasks and not agents:  # only_agents, and no agent has two tasks: nothing to do
         return TrainSummary(

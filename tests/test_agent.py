@@ -122,6 +122,17 @@ def test_an_agent_split_into_tasks_gets_a_plan_naming_each_actions_task(agent_ws
     assert tasks[plan.actions["text"]].output_shape == "text"
     result = ws.trained(agent)
     assert not isinstance(result, str) and result.kind == "lora"
+    # The CPU recipe leaves them off, and says how to train one.
+    from typer.testing import CliRunner
+
+    from slmify.cli import app
+
+    result = CliRunner().invoke(app, ["train", "-w", str(agent_ws), "--task", agent])
+    assert result.exit_code != 0
+    assert f"{agent}: agent-level specialists are off in recipe 'cpu-smollm2-135m'" in (
+        result.output
+    )
+    assert "--set agent.specialist=auto" in result.output
     # An agent with one task has no agent-level specialist: its router is exact already.
     one = {t: [c for c in _calls(agent_ws).values() if c.id.endswith("m1")] for t in ["t1"]}
     assert plan_agents(one) == {}
