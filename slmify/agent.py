@@ -31,11 +31,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slmify.features import action_of, input_view
+from slmify.features import action_of, input_view, message_action
 from slmify.schema import AgentPlan, CallRecord, ChatRequest, Deferral
-from slmify.schema_calls import message_text, message_tool_calls
 from slmify.schema_eval import DesignChoice
-from slmify.shapes import text_shape
 from slmify.specialists import OutOfScope, SpecialistPool, TaskRuntime, agent_runtime
 
 AGENT_PREFIX = "agent-"
@@ -47,13 +45,6 @@ WORD_ACTIONS = ("text", "label", "json")
 
 def agent_id(identity: str) -> str:
     return f"{AGENT_PREFIX}{identity}"
-
-
-def answer_action(message: dict[str, Any]) -> str:
-    """An answer's action as the cluster stage names a call's: the tool(s) called, else
-    the shape of its text."""
-    names = sorted({c["name"] for c in message_tool_calls(message)})
-    return "+".join(names) if names else text_shape(message_text(message.get("content")))
 
 
 def plan_agents(by_task: dict[str, list[CallRecord]]) -> dict[str, tuple[AgentPlan, list]]:
@@ -142,7 +133,7 @@ class AgentRouter:
             answer = self.pool.answer(agent, request)
         except OutOfScope:
             return None, 0.0
-        task = actions.get(answer_action(answer.message))
+        task = actions.get(message_action(answer.message))
         return (task, 1.0) if task else (None, answer.confidence)
 
 

@@ -41,6 +41,7 @@ from slmify.schema import (
     Deferral,
     EndToEnd,
     ModelAnswer,
+    OutputShape,
     ReplayedCall,
     TaskServed,
 )
@@ -78,6 +79,12 @@ def agrees(score: AnswerScore, judge: float | None, cfg: EvalConfig) -> bool | N
     return None
 
 
+def decidable(shape: OutputShape, judged: bool, cfg: EvalConfig) -> bool:
+    """Whether agreement with the LLM can be decided for answers of `shape`: free text
+    needs a judge (`judged`) or a similarity threshold the user set."""
+    return shape != "text" or judged or cfg.text_similarity is not None
+
+
 @dataclass
 class Replay:
     """The deployment as serve would run it, every specialist of `pool` a candidate, and
@@ -93,14 +100,9 @@ class Replay:
     samples: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def decidable(self, task_id: str) -> bool:
-        """Whether agreement with the LLM can be decided for this task's answers: free text
-        needs a judge or a similarity threshold the user set."""
-        task = self.pool.tasks[task_id]
-        return (
-            task.output_shape != "text"
-            or self.judge is not None
-            or self.cfgs[task_id].text_similarity is not None
-        )
+        """Whether agreement with the LLM can be decided for this task's answers."""
+        shape = self.pool.tasks[task_id].output_shape
+        return decidable(shape, self.judge is not None, self.cfgs[task_id])
 
     def run(
         self,

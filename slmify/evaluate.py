@@ -312,14 +312,11 @@ def trained_agents(ws_root: Path, trained: list[TrainedTask], judge: Judge | Non
     can be decided: an agent whose every task is free text without a judge or
     eval.text_similarity could serve nothing either way."""
     from slmify.agent import trained_agents as found
+    from slmify.endtoend import decidable
 
-    decidable = {
-        t.task.id
-        for t in trained
-        if t.task.output_shape != "text" or judge is not None or t.cfg.text_similarity is not None
-    }
+    known = {t.task.id for t in trained if decidable(t.task.output_shape, judge is not None, t.cfg)}
     agents = found(ws_root, {t.task.id for t in trained}, trained[0].cfg.max_new_tokens)
-    return [a for a in agents if decidable & set(a.plan.actions.values())]
+    return [a for a in agents if known & set(a.plan.actions.values())]
 
 
 def router_fitted_on(router: Any, calls: list[CallRecord]) -> int:

@@ -86,12 +86,14 @@ def input_view(request: ChatRequest) -> InputView:
         task_text=message_text(task.get("content")) if task else "",
         turn_text=message_text(turn.get("content")) if turn else "",
         turn_role="none" if turn is None else ("user" if turn["role"] == "user" else "tool"),
-        previous_action=_message_action(last_assistant) if last_assistant else "start",
+        previous_action=message_action(last_assistant) if last_assistant else "start",
         reply_text=message_text(last_assistant.get("content")) if last_assistant else "",
     )
 
 
-def _message_action(msg: dict) -> str:
+def message_action(msg: dict) -> str:
+    """An assistant message's action: the tool(s) it called (`a+b`), else its text's shape
+    (a call's previous action; an agent-level specialist's answer's, slmify.agent)."""
     names = [c["function"].get("name", "") for c in msg.get("tool_calls") or [] if "function" in c]
     if isinstance(msg.get("function_call"), dict):
         names.append(msg["function_call"].get("name", ""))

@@ -89,7 +89,9 @@ def train_all(
     by_task, source = gather_calls(ws, assignment)
     agents = agent_jobs(ws, by_task, recipe, task_id)
     if task_id is not None and not tasks and not agents:
-        if task_id.startswith("agent-") and recipe.agent.specialist == "off":
+        from slmify.agent import AGENT_PREFIX
+
+        if task_id.startswith(AGENT_PREFIX) and recipe.agent.specialist == "off":
             raise TrainError(
                 f"{task_id}: agent-level specialists are off in recipe {recipe.name!r} "
                 "(agent.specialist: off); add --set agent.specialist=auto"

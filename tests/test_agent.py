@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TRAIN, run_cli, sets
 
-from slmify.agent import AgentRouter, answer_action, opens_tool_call, plan_agents
+from slmify.agent import AgentRouter, opens_tool_call, plan_agents
+from slmify.features import message_action
 from slmify.schema import CallRecord, EndToEnd, ReplayedCall
 
 SYSTEM = "You are the order desk of a shop. Look orders up before you answer."
@@ -147,10 +148,10 @@ def test_actions_and_tool_call_openings_are_read_as_the_cluster_stage_names_them
             {"id": "2", "type": "function", "function": {"name": "a", "arguments": "{}"}},
         ],
     }
-    assert answer_action(call) == "a+b"
-    assert answer_action({"role": "assistant", "content": "Monday"}) == "label"
+    assert message_action(call) == "a+b"
+    assert message_action({"role": "assistant", "content": "Monday"}) == "label"
     assert (
-        answer_action(
+        message_action(
             {"role": "assistant", "content": "Your order ships on Monday, as we planned it."}
         )
         == "text"
